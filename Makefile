@@ -1,0 +1,58 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MMF := $(VENV)/bin/mmfusion
+STAMP := $(VENV)/.installed
+# Debian packages the built-in dataset needs: espeak-ng (training speech) and real recorded digits.
+APT_PACKAGES := espeak-ng asterisk-core-sounds-en-wav asterisk-core-sounds-es-wav \
+	asterisk-core-sounds-fr-wav asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav
+TORCH := torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
+DATA ?= data/avt_digits
+PYTEST_ARGS ?=
+
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: venv sysdeps test test-unit demo lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch first and pinned: a plain `torch` requirement would pull another build
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+sysdeps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "mmfusion needs these Debian packages:$$missing"; \
+	    echo "run: sudo apt-get install -y$$missing   (then re-run make)"; exit 1; \
+	  fi; \
+	fi
+
+test: venv sysdeps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+$(DATA)/data_card.json: | venv sysdeps
+	$(MMF) data build avt-digits --out $(DATA)
+
+demo: venv sysdeps $(DATA)/data_card.json
+	$(MMF) data inspect $(DATA)
+
+lint: venv
+	$(VENV)/bin/ruff check platform tests bench jobs
+
+clean:
+	rm -rf runs .pytest_cache

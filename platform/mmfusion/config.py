@@ -1,0 +1,329 @@
+"""Experiment configuration: pydantic models, and the one place YAML and CLI overrides are parsed.
+
+`load_config(path, overrides)` reads one experiment YAML, applies dotted `key=value` overrides
+(`model.fusion.name=gated optim.lr=3e-4 data.modalities=[image,text]`), and validates the result.
+Every model forbids unknown keys, so a typo fails with the key's full path and the allowed keys.
+Downstream code receives typed sub-configs (`cfg.data`, `cfg.model`), never the raw dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mmfusion.errors import ConfigError
+
+Modality = Literal["image", "text", "audio"]
+MODALITIES: tuple[str, ...] = ("image", "text", "audio")  # canonical order: presence-mask columns follow it
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class ImagePreprocessConfig(Strict):
+    size: int = Field(28, ge=8, le=1024)  # square side after resize, pixels
+    channels: Literal[1, 3] = 1  # 1 = grayscale, 3 = RGB
+    mean: list[float] = [0.5]  # per-channel normalization (one value is broadcast)
+    std: list[float] = [0.5]
+
+
+class TextPreprocessConfig(Strict):
+    tokenizer: str = "builtin"  # "builtin" (UTF-8 byte vocabulary) or a Hugging Face tokenizer name / local path
+    max_length: int = Field(32, ge=1, le=4096)  # tokens; longer texts are truncated (and said so)
+    lowercase: bool = True  # builtin tokenizer only
+
+
+class AudioPreprocessConfig(Strict):
+    sample_rate: int = Field(8000, ge=1000)  # Hz after resampling; 8 kHz keeps telephone-band speech
+    features: Literal["logmel", "mfcc"] = "logmel"
+    n_mels: int = Field(40, ge=4)  # mel bands (and MFCC's filterbank)
+    n_mfcc: int = Field(20, ge=2)  # coefficients when features=mfcc
+    n_fft: int = Field(256, ge=16)
+    hop_length: int = Field(80, ge=1)  # 10 ms at 8 kHz
+    max_seconds: float = Field(1.0, gt=0)  # clips are padded or cut to this length
+
+
+class DataConfig(Strict):
+    path: str  # dataset root (folder with train/val/test files) or one Parquet/JSONL/CSV manifest
+    modalities: list[Modality] = ["image", "text", "audio"]  # which columns feed the model
+    label_column: str = "label"
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # used only when the data has no val split
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)  # above this share of undecodable rows the run stops
+    rejects_path: str | None = None  # where rejected rows go; default: <path>/rejects.jsonl or beside the manifest
+    read_parallelism: int = Field(-1, ge=-1)  # Ray Data read tasks; -1 = Ray's choice
+    image: ImagePreprocessConfig = ImagePreprocessConfig()
+    text: TextPreprocessConfig = TextPreprocessConfig()
+    audio: AudioPreprocessConfig = AudioPreprocessConfig()
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one modality is required")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate modality in {v}")
+        return [m for m in MODALITIES if m in v]  # canonical order
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+class CnnImageEncoderConfig(Strict):
+    name: Literal["cnn"] = "cnn"
+    channels: list[int] = [32, 64]  # conv widths; the classic Conv(32)-Conv(64)-Flatten baseline
+    dim: int = Field(128, ge=1)  # output embedding size
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class ResnetImageEncoderConfig(Strict):
+    name: Literal["resnet"] = "resnet"
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    weights: str | None = None  # None (random init), a local .pt/.safetensors file, or a torchvision weights name
+    freeze: bool = False
+    dim: int | None = None  # project to this size; None keeps the backbone's width
+
+
+class HfEncoderConfig(Strict):
+    name: Literal["hf"] = "hf"
+    pretrained: str  # Hugging Face hub name or local folder
+    freeze: bool = True  # frozen encoders can be run once and cached
+    dim: int | None = None  # project to this size; None keeps the hidden size
+
+
+class RnnTextEncoderConfig(Strict):
+    name: Literal["lstm"] = "lstm"
+    cell: Literal["lstm", "gru"] = "lstm"
+    embed_dim: int = Field(64, ge=1)
+    hidden: int = Field(128, ge=1)
+    layers: int = Field(1, ge=1)
+    bidirectional: bool = True
+    dim: int = Field(128, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class TransformerTextEncoderConfig(Strict):
+    name: Literal["transformer"] = "transformer"
+    dim: int = Field(128, ge=8)  # model width = output size
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    ffn_mult: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class CnnAudioEncoderConfig(Strict):
+    name: Literal["cnn"] = "cnn"
+    channels: list[int] = [32, 64]
+    dim: int = Field(128, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+ImageEncoderConfig = Annotated[
+    Union[CnnImageEncoderConfig, ResnetImageEncoderConfig, HfEncoderConfig], Field(discriminator="name")
+]
+TextEncoderConfig = Annotated[
+    Union[RnnTextEncoderConfig, TransformerTextEncoderConfig, HfEncoderConfig], Field(discriminator="name")
+]
+AudioEncoderConfig = Annotated[Union[CnnAudioEncoderConfig, HfEncoderConfig], Field(discriminator="name")]
+
+
+class EncodersConfig(Strict):
+    image: ImageEncoderConfig = CnnImageEncoderConfig()
+    text: TextEncoderConfig = RnnTextEncoderConfig()
+    audio: AudioEncoderConfig = CnnAudioEncoderConfig()
+
+
+class FusionConfig(Strict):
+    name: str = "concat"  # concat | attention | gated | tensor | low_rank | late
+    dim: int = Field(128, ge=1)  # fused representation size
+    hidden: int = Field(256, ge=1)  # MLP width after fusion
+    heads: int = Field(4, ge=1)  # attention fusion
+    rank: int = Field(4, ge=1)  # low_rank fusion
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class ModelConfig(Strict):
+    encoders: EncodersConfig = EncodersConfig()  # only the modalities in data.modalities are built
+    fusion: FusionConfig = FusionConfig()
+    modality_dropout: dict[Modality, float] = {}  # train-time probability of hiding a modality per sample
+
+
+# ----------------------------------------------------------------------------------- optim and train
+
+
+class OptimConfig(Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None disables
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)  # per worker
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)  # fractional on small machines so Ray Data keeps a CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    storage_path: str = "runs"  # run folders live here; multi-node runs need s3://, gs:// or NFS
+    run_name: str | None = None  # stable name => re-running resumes; default derived from the config
+    max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint
+    early_stopping_patience: int | None = Field(None, ge=1)  # epochs without val improvement before stopping
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    checkpoints_to_keep: int = Field(2, ge=1)
+    artifact_dir: str | None = None  # default: <storage_path>/<run_name>/artifact
+    num_threads: int | None = Field(None, ge=1)  # torch intra-op threads per worker; None = torch default
+
+
+class ExperimentConfig(Strict):
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _dropout_keys(self) -> ExperimentConfig:
+        extra = set(self.model.modality_dropout) - set(self.data.modalities)
+        if extra:
+            raise ValueError(
+                f"model.modality_dropout names {sorted(extra)}, not in data.modalities {self.data.modalities}"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value); the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e.problem})") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, base_dir: str | Path | None = None,
+                ) -> ExperimentConfig:
+    """Read an experiment YAML (or start empty when path is None), apply overrides, validate.
+
+    Relative `data.path`, `train.storage_path` and `train.artifact_dir` stay as written: they are resolved
+    against the current directory by the code that opens them (the CLI makes them absolute before Ray).
+    """
+    raw = read_yaml(path) if path is not None else {}
+    return validate_config(apply_overrides(raw, overrides), source=str(path) if path else "<overrides>")
+
+
+def validate_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config {source}:\n" + format_validation_error(e, ExperimentConfig)) from None
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------- error messages
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        key = ".".join(loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(root, loc[:-1])
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  {key}: unknown key{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(root: type[BaseModel], loc: list[str]) -> list[str]:
+    """Walk the model classes along `loc` (discriminated-union tags included) and list the fields there."""
+    candidates: list[Any] = [root]
+    for part in loc:
+        nxt: list[Any] = []
+        for c in candidates:
+            for t in _expand(c):
+                if isinstance(t, type) and issubclass(t, BaseModel):
+                    if part in t.model_fields:
+                        nxt.append(t.model_fields[part].annotation)
+                    else:  # a union tag such as "cnn" in model.encoders.image.cnn.<key>
+                        name_field = t.model_fields.get("name")
+                        if name_field is not None and typing.get_args(name_field.annotation) == (part,):
+                            nxt.append(t)
+                elif typing.get_origin(t) is dict:
+                    nxt.append(typing.get_args(t)[1])
+        candidates = nxt
+    keys: list[str] = []
+    for c in candidates:
+        for t in _expand(c):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                keys += [k for k in t.model_fields if k not in keys]
+    return keys
+
+
+def _expand(t: Any) -> list[Any]:
+    origin = typing.get_origin(t)
+    if origin is Annotated:
+        return _expand(typing.get_args(t)[0])
+    if origin is Union or origin is types.UnionType:
+        return [x for a in typing.get_args(t) for x in _expand(a)]
+    return [t]

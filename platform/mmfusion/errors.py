@@ -1,0 +1,17 @@
+"""User-facing errors. The CLI prints their message (no traceback) and exits with status 2."""
+
+
+class MmfusionError(Exception):
+    """Base class: a problem the user can fix (bad config, bad data, missing file)."""
+
+
+class ConfigError(MmfusionError):
+    """The experiment config or an override is invalid."""
+
+
+class DataError(MmfusionError):
+    """The dataset cannot be read, or too many of its records are undecodable."""
+
+
+class ArtifactError(MmfusionError):
+    """An artifact folder is missing a file or does not match the code."""
