@@ -283,7 +283,8 @@ def format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
     lines = []
     for e in err.errors():
         loc = [str(x) for x in e["loc"]]
-        key = ".".join(loc) or "<root>"
+        shown = [p for p in loc if p not in _TAGS]  # drop discriminated-union tags ("cnn", "hf", ...)
+        key = ".".join(shown) or "<root>"
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(root, loc[:-1])
             hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
@@ -293,6 +294,9 @@ def format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+_TAGS = {"cnn", "resnet", "hf", "lstm", "transformer"}  # encoder `name` tags that pydantic puts in error locations
 
 
 def _allowed_keys(root: type[BaseModel], loc: list[str]) -> list[str]:

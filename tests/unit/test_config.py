@@ -1,0 +1,100 @@
+"""Config: YAML + dotted overrides, strict keys with helpful errors, one parse point."""
+
+from pathlib import Path
+
+import pytest
+
+from mmfusion.cli import main
+from mmfusion.config import ExperimentConfig, apply_overrides, load_config
+from mmfusion.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT = REPO / "jobs" / "configs" / "avt_digits.yaml"
+
+
+def test_default_config_loads_with_typed_sections():
+    cfg = load_config(DEFAULT)
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.data.modalities == ["image", "text", "audio"]
+    assert cfg.model.encoders.image.name == "cnn"
+    assert cfg.data.audio.sample_rate == 8000
+
+
+def test_overrides_parse_yaml_values_and_nested_keys():
+    cfg = load_config(DEFAULT, ["model.fusion.name=gated", "optim.lr=3e-4", "data.modalities=[audio, image]",
+                                "train.early_stopping_patience=null",
+                                "model.encoders.text={name: transformer, dim: 64}"])
+    assert cfg.model.fusion.name == "gated"
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.data.modalities == ["image", "audio"]  # canonical order
+    assert cfg.train.early_stopping_patience is None
+    assert cfg.model.encoders.text.name == "transformer"
+    assert cfg.model.encoders.text.dim == 64
+
+
+def test_switching_encoder_keeps_keys_it_does_not_know_as_errors():
+    # the LSTM's keys stay in the YAML: the transformer does not accept them, and says which ones
+    with pytest.raises(ConfigError, match="model.encoders.text.hidden: unknown key"):
+        load_config(DEFAULT, ["model.encoders.text.name=transformer"])
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT, ["model.fusion.nme=gated"])
+    msg = str(e.value)
+    assert "model.fusion.nme: unknown key" in msg
+    assert "name" in msg and "rank" in msg
+
+
+def test_unknown_key_inside_encoder_union_hides_the_tag():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT, ["model.encoders.image.widht=3"])
+    msg = str(e.value)
+    assert "model.encoders.image.widht: unknown key" in msg
+    assert "channels" in msg
+
+
+def test_unknown_encoder_name_lists_known_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT, ["model.encoders.audio={name: wavenet}"])
+    assert "'cnn'" in str(e.value) and "'hf'" in str(e.value)
+
+
+@pytest.mark.parametrize("bad", ["optim.lr=-1", "data.modalities=[]", "data.modalities=[smell]",
+                                 "train.num_workers=0", "model.modality_dropout={video: 0.1}"])
+def test_invalid_values_are_config_errors(bad):
+    with pytest.raises(ConfigError):
+        load_config(DEFAULT, [bad])
+
+
+def test_modality_dropout_must_name_configured_modalities():
+    with pytest.raises(ConfigError, match="modality_dropout"):
+        load_config(DEFAULT, ["data.modalities=[image]"])
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(DEFAULT, ["optim.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(REPO / "nope.yaml")
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def test_non_mapping_yaml(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+
+
+def test_cli_config_show_prints_resolved_yaml(capsys):
+    assert main(["config", "show", str(DEFAULT), "optim.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.5" in out and "fusion:" in out
+
+
+def test_cli_reports_config_errors_without_traceback(capsys):
+    assert main(["config", "show", str(DEFAULT), "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "mmfusion: error:" in err and "optim.lrr" in err and "Traceback" not in err
