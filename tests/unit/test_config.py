@@ -67,9 +67,12 @@ def test_invalid_values_are_config_errors(bad):
         load_config(DEFAULT, [bad])
 
 
-def test_modality_dropout_must_name_configured_modalities():
-    with pytest.raises(ConfigError, match="modality_dropout"):
-        load_config(DEFAULT, ["data.modalities=[image]"])
+def test_single_modality_override_keeps_the_rest_valid():
+    # the README's single-modality baselines are the default config plus one override
+    cfg = load_config(DEFAULT, ["data.modalities=[image]"])
+    assert cfg.data.modalities == ["image"]
+    with pytest.raises(ConfigError, match="modality_dropout.image"):
+        load_config(DEFAULT, ["model.modality_dropout.image=1.5"])
 
 
 def test_malformed_override_and_missing_file():
