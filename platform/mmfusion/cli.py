@@ -48,6 +48,24 @@ def _model_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from mmfusion.config import load_config
+    from mmfusion.train.trainer import run_training
+
+    run = run_training(load_config(args.config, args.overrides), address=args.address)
+    sys.stdout.write(f"{run.artifact}\n")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from mmfusion.evaluate.report import evaluate_artifact
+
+    result = evaluate_artifact(args.artifact, data=args.data, split=args.split, address=args.address,
+                               modalities=args.modalities)
+    sys.stdout.write(result.text + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmfusion", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -81,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model utilities").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")
     with_config(cmd(model, "summary", _model_summary, "parameters per part and forward FLOPs per sample"))
+
+    t = cmd(sub, "train", _train, "train with Ray Train (resumes a run of the same config); prints the artifact path")
+    with_config(t)
+    t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
+
+    e = cmd(sub, "evaluate", _evaluate, "accuracy, macro-F1, per-class table and confusion matrix of an artifact")
+    e.add_argument("artifact", help="artifact folder written by `mmfusion train`")
+    e.add_argument("--data", help="dataset folder or manifest (default: the artifact's data.path)")
+    e.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    e.add_argument("--modalities", nargs="+", choices=["image", "text", "audio"],
+                   help="hide the other modalities (robustness to a missing modality)")
+    e.add_argument("--address", help="Ray cluster address for large inputs (default: local, no Ray for small)")
     return p
 
 

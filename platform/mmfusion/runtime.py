@@ -1,0 +1,62 @@
+"""Starting or joining Ray: `--address` / RAY_ADDRESS joins a cluster, otherwise an embedded local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from mmfusion.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, *, dashboard: bool = False, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start an embedded local cluster.
+
+    The embedded cluster declares at least 4 logical CPUs: Ray Data, the Train controller and workers then
+    never wait on each other on a 2-core laptop (threads still share the real cores).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        except ConnectionError as e:
+            raise ConfigError(f"cannot reach a Ray cluster at {address}: {e}") from None
+    else:
+        cpus = num_cpus or max(4, os.cpu_count() or 1)
+        log.info("starting an embedded local Ray cluster (%d logical CPUs)", cpus)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, logging_level="WARNING",
+                 log_to_driver=True)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, strict: bool = True) -> None:
+    """Fail fast when the training workers can never fit the cluster, instead of waiting forever.
+
+    strict=False (a joined cluster, which may autoscale) only warns: nodes may still appear.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = num_workers * cpus_per_worker
+    problem = None
+    if total.get("CPU", 0) + 1e-9 < need_cpu:
+        problem = (
+            f"train.num_workers={num_workers} x train.cpus_per_worker={cpus_per_worker} needs {need_cpu:g} CPUs, "
+            f"but the cluster has {total.get('CPU', 0):g}; lower train.num_workers or train.cpus_per_worker")
+    elif use_gpu and total.get("GPU", 0) < num_workers:
+        problem = (
+            f"train.use_gpu=true with train.num_workers={num_workers} needs {num_workers} GPUs, "
+            f"but the cluster has {total.get('GPU', 0):g}")
+    if problem and strict:
+        raise ConfigError(problem)
+    if problem:
+        log.warning("%s; waiting for the autoscaler to add nodes", problem)

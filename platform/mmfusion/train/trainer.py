@@ -1,0 +1,126 @@
+"""The driver side of training: datasets -> TorchTrainer -> artifact. Read it top to bottom.
+
+    run = run_training(cfg)            # resumes when <storage_path>/<run_name> already holds checkpoints
+    run.artifact                       # the artifact folder (model.safetensors, config.yaml, ...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mmfusion.config import ExperimentConfig
+from mmfusion.errors import MmfusionError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainRun:
+    name: str
+    path: Path  # <storage_path>/<name>: Ray Train's run folder (checkpoints)
+    artifact: Path
+    metrics: dict[str, Any]
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    """Stable for the same resolved config, so re-running the same command resumes the same run."""
+    identity = cfg.model_dump(mode="json")
+    for k in ("max_failures", "artifact_dir", "run_name", "storage_path"):
+        identity["train"].pop(k, None)  # how and where to run, not what to train
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.data.path.rstrip("/")).stem) or "data"
+    mods = "".join(m[0] for m in cfg.data.modalities)  # e.g. "ita"
+    return f"{stem}-{mods}-{cfg.model.fusion.name}-{digest}"
+
+
+def run_training(cfg: ExperimentConfig, address: str | None = None) -> TrainRun:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mmfusion.data.pipeline import build_datasets
+    from mmfusion.runtime import check_fits, init_ray
+    from mmfusion.train.worker import train_loop_per_worker
+
+    tc = cfg.train
+    name = tc.run_name or default_run_name(cfg)
+    storage = _absolute(tc.storage_path)
+    embedded = not (address or _env_address())
+    init_ray(address)
+    check_fits(tc.num_workers, tc.cpus_per_worker, tc.use_gpu, strict=embedded)
+
+    bundle = build_datasets(cfg.data, splits=("train", "val"))
+    log.info("data: %d train rows, %d val rows, %d classes, %d rejected", bundle.train_rows, bundle.val_rows,
+             len(bundle.labels), bundle.num_rejected)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "labels": bundle.labels,
+                           "spec": asdict(bundle.spec), "train_rows": bundle.train_rows},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=tc.checkpoints_to_keep, checkpoint_score_attribute=tc.metric,
+                checkpoint_score_order=tc.mode),
+            failure_config=ray.train.FailureConfig(
+                max_failures=tc.max_failures,
+                controller_failure_limit=1 if embedded else -1)),  # embedded: fail instead of waiting forever
+        datasets={"train": bundle.train, "val": bundle.val},
+    )
+    log.info("training run %s (storage %s): %d worker(s), %s", name, storage, tc.num_workers,
+             "GPU" if tc.use_gpu else "CPU")
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise MmfusionError(f"training run {name} failed: {e}") from None
+    return export_run(result, cfg, bundle, name, storage)
+
+
+def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, storage: str) -> TrainRun:
+    """Best checkpoint -> artifact folder with metrics, training curves and a val confusion matrix."""
+    from mmfusion.artifact import save_artifact
+    from mmfusion.evaluate.plots import plot_training_curves
+    from mmfusion.train.checkpoint import load_loop_state, load_model_state
+
+    latest = result.checkpoint
+    if latest is None:
+        raise MmfusionError(f"training run {name} produced no checkpoint")
+    best = _best_checkpoint(result, cfg.train.metric, cfg.train.mode) or latest
+    with latest.as_directory() as d:
+        state = load_loop_state(Path(d))  # the latest holds the full history
+    with best.as_directory() as d:
+        weights = load_model_state(Path(d))
+    metrics = {"run_name": name, "best_epoch": state.best_epoch, f"best_{cfg.train.metric}": state.best_metric,
+               "epochs_run": state.epoch + 1, "starts": state.starts, "stopped_early": state.stopped_early,
+               "history": state.history, "train_rows": bundle.train_rows, "val_rows": bundle.val_rows,
+               "rejected_rows": bundle.num_rejected}
+    out = Path(cfg.train.artifact_dir).absolute() if cfg.train.artifact_dir else Path(storage) / name / "artifact"
+    save_artifact(out, weights, cfg, bundle.labels, metrics)
+    plot_training_curves(state.history, out / "training_curves.png", title=name)
+    log.info("artifact written to %s (best %s %.4f at epoch %d)", out, cfg.train.metric,
+             state.best_metric or float("nan"), state.best_epoch + 1)
+    return TrainRun(name, Path(storage) / name, out, metrics)
+
+
+def _best_checkpoint(result: Any, metric: str, mode: str) -> Any:
+    scored = [(m.get(metric), c) for c, m in (result.best_checkpoints or []) if m.get(metric) is not None]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda t: t[0])[1]
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().absolute())
+
+
+def _env_address() -> str | None:
+    import os
+
+    return os.environ.get("RAY_ADDRESS")
