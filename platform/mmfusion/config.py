@@ -148,6 +148,7 @@ class FusionConfig(Strict):
     hidden: int = Field(256, ge=1)  # MLP width after fusion
     heads: int = Field(4, ge=1)  # attention fusion
     rank: int = Field(4, ge=1)  # low_rank fusion
+    tensor_dim: int = Field(16, ge=1)  # tensor fusion: per-modality size before the outer product ((d+1)^M features)
     dropout: float = Field(0.1, ge=0, lt=1)
 
 
