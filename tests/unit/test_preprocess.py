@@ -1,0 +1,265 @@
+"""Per-modality preprocessing: shapes, dtypes, values, determinism, and DecodeError on bad input."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from mmfusion.config import AudioPreprocessConfig, DataConfig, ImagePreprocessConfig, TextPreprocessConfig
+from mmfusion.data.preprocess import (
+    ByteTokenizer,
+    DecodeError,
+    Preprocessor,
+    input_spec,
+    load_tokenizer,
+    preprocess_audio,
+    preprocess_image,
+    preprocess_text,
+)
+from mmfusion.errors import ConfigError, DataError
+
+
+def png(value: int = 128, size: tuple[int, int] = (20, 20), mode: str = "L", fmt: str = "PNG") -> bytes:
+    arr = np.full((size[1], size[0]) + ((3,) if mode == "RGB" else ()), value, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def noise_png(seed: int = 0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (64, 64), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def wav(samples: np.ndarray, sr: int = 8000, subtype: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, sr, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def tone(seconds: float = 0.5, sr: int = 8000, hz: float = 440.0) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- image
+
+
+def test_image_shape_dtype_and_normalization():
+    cfg = ImagePreprocessConfig(size=28, channels=1, mean=[0.5], std=[0.5])
+    x = preprocess_image(png(255, (28, 28)), cfg)
+    assert x.shape == (1, 28, 28) and x.dtype == np.float32
+    np.testing.assert_allclose(x, 1.0, atol=1e-6)  # (1.0 - 0.5) / 0.5
+    y = preprocess_image(png(0, (20, 33)), cfg)  # resized to the square size
+    assert y.shape == (1, 28, 28)
+    np.testing.assert_allclose(y, -1.0, atol=1e-6)
+
+
+def test_image_rgb_per_channel_stats_and_jpeg():
+    cfg = ImagePreprocessConfig(size=16, channels=3, mean=[0.0, 0.5, 1.0], std=[1.0, 1.0, 1.0])
+    x = preprocess_image(png(255, (10, 10), mode="RGB", fmt="JPEG"), cfg)
+    assert x.shape == (3, 16, 16)
+    np.testing.assert_allclose(x.mean(axis=(1, 2)), [1.0, 0.5, 0.0], atol=0.02)
+    gray_as_rgb = preprocess_image(png(255, (10, 10)), cfg)  # grayscale input converted to 3 channels
+    assert gray_as_rgb.shape == (3, 16, 16)
+
+
+def test_image_is_deterministic():
+    cfg = ImagePreprocessConfig(size=32)
+    a, b = preprocess_image(noise_png(), cfg), preprocess_image(noise_png(), cfg)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, preprocess_image(noise_png(seed=1), cfg))
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (b"definitely not an image", "not a recognised image format"),
+        (noise_png()[: len(noise_png()) // 2], "truncated"),
+    ],
+)
+def test_bad_image_bytes_raise_decode_error(data, reason):
+    with pytest.raises(DecodeError) as e:
+        preprocess_image(data, ImagePreprocessConfig())
+    assert e.value.modality == "image"
+    assert reason in e.value.reason
+    assert isinstance(e.value, DataError) and str(e.value).startswith("image: ")
+
+
+def test_image_mean_std_mismatch_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.image.mean has 2 values"):
+        preprocess_image(png(), ImagePreprocessConfig(channels=3, mean=[0.1, 0.2]))
+
+
+# ----------------------------------------------------------------------------------------------- text
+
+
+def test_builtin_tokenizer_bytes_bos_pad_and_truncation():
+    cfg = TextPreprocessConfig(tokenizer="builtin", max_length=8, lowercase=True)
+    tok = load_tokenizer(cfg)
+    assert isinstance(tok, ByteTokenizer) and tok.vocab_size == 259 and tok.pad_id == 0
+    ids, mask, truncated = preprocess_text("Two", cfg, tok)
+    assert ids.dtype == np.int64 and mask.dtype == np.int64 and ids.shape == mask.shape == (8,)
+    assert ids.tolist() == [1, ord("t") + 3, ord("w") + 3, ord("o") + 3, 0, 0, 0, 0]
+    assert mask.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert truncated is False
+    ids, mask, truncated = preprocess_text("seventeen hundred", cfg, tok)
+    assert truncated is True and mask.sum() == 8 and ids[1] == ord("s") + 3
+    ids, _, _ = preprocess_text("é", cfg, tok)  # multi-byte UTF-8
+    assert ids[:3].tolist() == [1, 0xC3 + 3, 0xA9 + 3]
+
+
+def test_text_non_utf8_bytes_raise_decode_error():
+    cfg = TextPreprocessConfig()
+    with pytest.raises(DecodeError) as e:
+        preprocess_text(b"caf\xe9", cfg, load_tokenizer(cfg))  # type: ignore[arg-type]  (Latin-1 bytes)
+    assert e.value.modality == "text" and "not valid UTF-8" in e.value.reason and "0xe9" in e.value.reason
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny word-level Hugging Face tokenizer trained locally and saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]"])
+    tok.train_from_iterator(["one two three", "four five six", "seven eight nine zero"], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]")
+    out = tmp_path_factory.mktemp("hf_tok")
+    fast.save_pretrained(out)
+    return out
+
+
+def test_hf_tokenizer_from_local_folder(hf_tokenizer_dir: Path):
+    cfg = TextPreprocessConfig(tokenizer=str(hf_tokenizer_dir), max_length=4)
+    tok = load_tokenizer(cfg)
+    assert tok.pad_id == 0 and tok.vocab_size == 13  # 3 special tokens + 10 words
+    ids, mask, truncated = preprocess_text("two nine", cfg, tok)
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+    assert ids.tolist() == [2, ref.convert_tokens_to_ids("two"), ref.convert_tokens_to_ids("nine"), 0]
+    assert mask.tolist() == [1, 1, 1, 0] and truncated is False
+    ids, mask, truncated = preprocess_text("one two three four five", cfg, tok)
+    assert truncated is True and mask.tolist() == [1, 1, 1, 1]
+    assert preprocess_text("banana", cfg, tok)[0][1] == ref.unk_token_id
+    spec = input_spec(DataConfig(path="x", modalities=["text"], text=cfg))
+    assert (spec.vocab_size, spec.pad_id, spec.max_text_len) == (13, 0, 4)
+
+
+def test_hf_tokenizer_missing_folder_is_a_config_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="cannot load a Hugging Face tokenizer"):
+        load_tokenizer(TextPreprocessConfig(tokenizer=str(tmp_path / "nope")))
+
+
+# ---------------------------------------------------------------------------------------------- audio
+
+
+def test_audio_logmel_shape_dtype_and_resampling():
+    cfg = AudioPreprocessConfig()  # 8 kHz, 40 mels, hop 80, 1 s -> (1, 40, 101)
+    x = preprocess_audio(wav(tone(0.5)), cfg)
+    assert x.shape == (1, 40, 101) and x.dtype == np.float32 and np.isfinite(x).all()
+    y = preprocess_audio(wav(tone(0.5, sr=16000), sr=16000), cfg)  # resampled to 8 kHz first
+    assert y.shape == (1, 40, 101)
+    np.testing.assert_allclose(x[..., 5:45], y[..., 5:45], atol=0.3)  # same tone, same features (away from edges)
+    assert x[0, :, 70:].max() < x[0, :, :40].max() - 5  # padded tail is silence
+
+
+def test_audio_mfcc_and_crop_and_stereo():
+    cfg = AudioPreprocessConfig(features="mfcc", n_mfcc=13, max_seconds=0.5)
+    long = tone(2.0)
+    x = preprocess_audio(wav(long), cfg)
+    assert x.shape == (1, 13, 51)
+    np.testing.assert_array_equal(x, preprocess_audio(wav(long[:4000]), cfg))  # cropped to max_seconds
+    stereo = np.stack([long, long], axis=1)
+    np.testing.assert_allclose(preprocess_audio(wav(stereo), cfg), x, atol=1e-3)  # mono = channel mean
+
+
+def test_silence_is_finite():
+    x = preprocess_audio(wav(np.zeros(4000, np.float32)), AudioPreprocessConfig())
+    assert np.isfinite(x).all()
+    np.testing.assert_allclose(x, np.log(1e-6), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (wav(np.zeros(0, np.float32)), "zero-length"),  # a valid WAV header with no samples
+        (b"RIFF\x00\x00\x00\x00WAVEjunkjunk", "undecodable"),
+        (wav(np.array([0.1, np.nan, 0.2] * 100, np.float32), subtype="FLOAT"), "non-finite"),
+    ],
+)
+def test_bad_audio_raises_decode_error(data, reason):
+    with pytest.raises(DecodeError) as e:
+        preprocess_audio(data, AudioPreprocessConfig())
+    assert e.value.modality == "audio" and reason in e.value.reason
+
+
+def test_decode_error_pickles():
+    e = pickle.loads(pickle.dumps(DecodeError("audio", "empty (0 bytes)")))
+    assert (e.modality, e.reason, str(e)) == ("audio", "empty (0 bytes)", "audio: empty (0 bytes)")
+
+
+# ---------------------------------------------------------------------------------------- spec, batches
+
+
+def test_input_spec_follows_config():
+    cfg = DataConfig(path="x", modalities=["audio", "image"], image={"size": 32, "channels": 3},
+                     audio={"features": "mfcc", "n_mfcc": 13, "hop_length": 160, "max_seconds": 2.0})
+    spec = input_spec(cfg)
+    assert spec.modalities == ("image", "audio")
+    assert spec.image_shape == (3, 32, 32) and spec.audio_shape == (1, 13, 101)
+
+
+def test_preprocessor_batch_contract():
+    cfg = DataConfig(path="x", text={"max_length": 6})
+    pre = Preprocessor(cfg, labels=["1", "2", "3"])
+    batch = {
+        "id": np.array(["a", "b", "c", "d", "e", "f"], dtype=object),
+        "image": np.array([png(), None, b"junk", png(), None, None], dtype=object),
+        "text": np.array(["one", "two", "three", None, "", None], dtype=object),
+        "audio": np.array([wav(tone()), wav(tone()), None, None, None, wav(tone())], dtype=object),
+        "label": np.array(["1", "2", "3", "7", "1", None], dtype=object),
+        "error": np.array(["", "", "", "", "", "audio: file not found: x.wav"], dtype=object),
+        "split": np.array(["train"] * 6, dtype=object),
+    }
+    out = pre(batch)
+    assert out["image"].shape == (6, 1, 28, 28) and out["image"].dtype == np.float32
+    assert out["text"].shape == out["text_mask"].shape == (6, 6) and out["text"].dtype == np.int64
+    assert out["audio"].shape == (6, 1, 40, 101) and out["audio"].dtype == np.float32
+    assert out["present"].dtype == bool and out["present"].shape == (6, 3)
+    assert out["error"].tolist() == [
+        "",
+        "",  # image missing: fine
+        "image: not a recognised image format",
+        "label: unknown label '7' (not among the 3 training labels)",
+        "record: none of the configured modalities (image, text, audio) is present",  # "" text = missing
+        "audio: file not found: x.wav",  # the reader's verdict is kept
+    ]
+    assert out["present"][:2].tolist() == [[True, True, True], [False, True, True]]
+    assert not out["present"][2:].any()  # rejected rows carry nothing
+    assert out["label"].tolist() == [0, 1, -1, -1, -1, -1]
+    assert out["id"].tolist() == list("abcdef") and out["split"].tolist() == ["train"] * 6
+    assert (out["image"][1] == 0).all() and (out["text"][0, :4] == [1, ord("o") + 3, ord("n") + 3, ord("e") + 3]).all()
+    np.testing.assert_array_equal(out["image"][0], preprocess_image(png(), cfg.image))  # one code path
+
+
+def test_preprocessor_only_configured_modalities_and_no_labels():
+    pre = Preprocessor(DataConfig(path="x", modalities=["text"]), labels=None)
+    out = pre({"text": np.array(["hi", "there"], dtype=object), "image": np.array([b"junk", b"junk"], dtype=object)})
+    assert set(out) == {"text", "text_mask", "present", "label", "id", "error"}
+    assert out["error"].tolist() == ["", ""]  # the unconfigured (and bad) image is never decoded
+    assert out["label"].tolist() == [-1, -1] and out["present"].tolist() == [[True], [True]]
