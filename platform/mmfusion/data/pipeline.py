@@ -1,0 +1,248 @@
+"""The Ray Data pipeline: records -> preprocessed, validated train/val(/test) datasets -> collated torch batches.
+
+    summarize (driver: columns, rows per split, labels)
+      -> from_items(read units).map_batches(read + load media, TaskPoolStrategy)        # records.py
+      -> map_batches(Preprocessor, ActorPoolStrategy, batch_format="numpy")             # preprocess.py
+      -> materialize once: rejects counted and written, max_bad_fraction enforced
+      -> per-split datasets (val carved out of train by a seeded id hash when the data has none)
+    MMCollate turns numpy batches into the torch batch contract of mmfusion.models.spec.
+
+The datasets are materialized after preprocessing: every epoch then reads decoded tensors instead of decoding
+again, and the bad-row fraction is known before training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
+import torch
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.expressions import col
+
+from mmfusion.config import DataConfig
+from mmfusion.data import records
+from mmfusion.data.preprocess import META_COLUMNS, Preprocessor, input_spec, load_tokenizer
+from mmfusion.errors import DataError
+from mmfusion.models.spec import InputSpec
+
+log = logging.getLogger(__name__)
+
+PREPROCESS_BATCH = 128  # rows per Preprocessor call: amortizes the vectorised torch work
+MANIFEST_UNIT_ROWS = 1024  # JSONL/CSV records per read task (each loads the media files its rows name)
+
+
+@dataclass
+class DatasetBundle:
+    train: ray.data.Dataset | None  # None when "train" was not requested
+    val: ray.data.Dataset | None  # None when "val" was not requested
+    test: ray.data.Dataset | None  # None when "test" was not requested
+    labels: list[str]  # class names; "label" values index into this list
+    spec: InputSpec
+    num_rejected: int  # rows set aside (undecodable), over the requested splits
+    num_rows: int  # rows read over the requested splits, rejected ones included
+    rejects_path: Path | None  # the rejects file, None when nothing was rejected
+    train_rows: int = 0  # rows in each dataset (0 when not requested)
+    val_rows: int = 0
+    test_rows: int = 0
+
+
+def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), seed: int = 0,
+                   labels: list[str] | None = None) -> DatasetBundle:
+    """Read, decode and preprocess the dataset at cfg.path into Ray Datasets of model-ready rows.
+
+    Args:
+        cfg: the data section of the experiment config.
+        splits: which of "train", "val", "test" to build. A missing val split is carved out of train
+            (cfg.val_fraction of it, chosen by a hash of the row id and `seed`, so it is stable across runs).
+        seed: the experiment seed (val carve-out only).
+        labels: class names to index labels with (an artifact's labels at evaluation time); default: the sorted
+            unique labels of the train split.
+    Returns:
+        A DatasetBundle; each dataset has the columns of the batch contract (mmfusion.models.spec).
+    Raises:
+        DataError: missing data, a configured modality absent from the data, or too many undecodable rows.
+    """
+    unknown = set(splits) - set(records.SPLITS)
+    if unknown or not splits:
+        raise DataError(f"splits must be a non-empty subset of {records.SPLITS}, got {splits}")
+    summary = records.summarize(cfg.path, cfg.label_column)
+    absent = [m for m in cfg.modalities if m not in summary.columns]
+    if absent:
+        raise DataError(
+            f"data.modalities includes {', '.join(repr(m) for m in absent)} but the dataset {cfg.path} has no "
+            f"{' or '.join(absent)} column (columns found: {', '.join(sorted(summary.columns)) or 'none'})"
+        )
+    if "label" not in summary.columns:
+        raise DataError(f"the dataset {cfg.path} has no {cfg.label_column!r} column (data.label_column)")
+    labels = list(labels) if labels is not None else summary.labels
+    if not labels:
+        raise DataError(f"the dataset {cfg.path} has no labelled rows in its train split")
+    found = ", ".join(f"{s} {n}" for s, n in summary.rows.items()) or "no rows"
+    carve_val = "val" in splits and summary.rows.get("val", 0) == 0
+    for s in splits:
+        if summary.rows.get(s, 0) == 0 and not (s == "val" and carve_val):
+            raise DataError(f"the dataset {cfg.path} has no {s!r} rows (found: {found})")
+    if carve_val and summary.rows.get("train", 0) == 0:
+        raise DataError(f"the dataset {cfg.path} has neither val nor train rows to take val from (found: {found})")
+    read_splits = sorted(set(splits) | ({"train"} if carve_val else set()))
+    tokenizer = load_tokenizer(cfg.text) if "text" in cfg.modalities else None
+    spec = input_spec(cfg, tokenizer)  # fails fast on a bad preprocessing config, before any actor starts
+
+    processed = _preprocessed(cfg, summary, read_splits, labels).materialize()
+    num_rows = processed.count()
+    bad_rows = processed.filter(expr=col("error") != "").select_columns(["id", "split", "source", "row", "error"])
+    bad = bad_rows.take_all()
+    rejects_path = _write_rejects(cfg, bad)
+    log.info("read %d rows (%s) from %s; %d rejected", num_rows, ", ".join(read_splits), cfg.path, len(bad))
+    records.check_bad_fraction(len(bad), num_rows, cfg.max_bad_fraction, rejects_path)
+
+    good = processed.filter(expr=col("error") == "")
+    if carve_val:
+        threshold = _val_threshold(good, cfg.val_fraction, seed)
+        log.info("no val split in %s: using %.0f%% of train as val (seed %d)", cfg.path, 100 * cfg.val_fraction, seed)
+        good = good.map_batches(_carve_val, batch_format="pyarrow", fn_kwargs={"seed": seed, "threshold": threshold})
+    drop = [c for c in (*META_COLUMNS, "error") if c in processed.columns()]
+
+    out: dict[str, ray.data.Dataset | None] = {s: None for s in records.SPLITS}
+    for s in splits:  # materialized: epochs read tensors directly, and the unsplit blocks can be freed
+        out[s] = good.filter(expr=col("split") == s).drop_columns(drop).materialize()
+    rows = {s: (d.count() if d is not None else 0) for s, d in out.items()}
+    if "val" in splits and rows["val"] == 0:
+        log.warning("the val split of %s is empty", cfg.path)
+    return DatasetBundle(train=out["train"], val=out["val"], test=out["test"], labels=labels, spec=spec,
+                         num_rejected=len(bad), num_rows=num_rows, rejects_path=rejects_path,
+                         train_rows=rows["train"], val_rows=rows["val"], test_rows=rows["test"])
+
+
+def _preprocessed(cfg: DataConfig, summary: records.DatasetSummary, splits: list[str], labels: list[str],
+                  ) -> ray.data.Dataset:
+    units = [u.as_row() for u in records.plan_units(summary.files, MANIFEST_UNIT_ROWS)]
+    read_compute = TaskPoolStrategy(size=cfg.read_parallelism) if cfg.read_parallelism > 0 else None
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(
+        _read_units, batch_size=1, batch_format="pyarrow", compute=read_compute,
+        fn_kwargs={"label_column": cfg.label_column, "splits": splits, "modalities": list(cfg.modalities)},
+    )
+    return ds.map_batches(
+        Preprocessor,
+        fn_constructor_kwargs={"cfg": cfg, "labels": labels, "num_threads": 1},
+        batch_size=PREPROCESS_BATCH,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(min_size=1, max_size=_cluster_cpus()),
+    )
+
+
+def _read_units(batch: pa.Table, label_column: str, splits: list[str], modalities: list[str]) -> Iterator[pa.Table]:
+    """Ray task: read units (Parquet row groups / manifest slices) -> RECORD_SCHEMA tables with media loaded."""
+    for row in batch.to_pylist():
+        unit = records.ReadUnit.from_row(row)
+        for tb in records.read_unit(unit, label_column, set(splits), modalities):
+            if tb.num_rows:
+                yield records.resolve_media(tb)
+
+
+def _cluster_cpus() -> int:
+    if ray.is_initialized():
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _write_rejects(cfg: DataConfig, bad: list[dict[str, Any]]) -> Path | None:
+    path = records.update_rejects(records.default_rejects_path(cfg.path, cfg.rejects_path), bad)
+    if path is not None:
+        log.warning("%d rejected rows written to %s", len(bad), path)
+    return path
+
+
+def _id_hash(ids: list[str], seed: int) -> np.ndarray:
+    """Stable uint64 per id (blake2b of "seed:id"): order-independent, same on every node and run."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little") for i in ids],
+        dtype=np.uint64,
+    )
+
+
+def _val_threshold(good: ray.data.Dataset, fraction: float, seed: int) -> int:
+    """The hash at or below which a train row moves to val, so that round(n * fraction) rows do."""
+    hashes = [
+        _id_hash([str(x) for x in b["id"]], seed)
+        for b in good.filter(expr=col("split") == "train").select_columns(["id"]).iter_batches(
+            batch_size=8192, batch_format="numpy")
+    ]
+    h = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
+    k = int(round(len(h) * fraction))
+    if fraction > 0 and len(h) >= 2:
+        k = min(max(k, 1), len(h) - 1)  # val gets at least one row, train keeps at least one
+    return -1 if k == 0 else int(h[k - 1])
+
+
+def _carve_val(tb: pa.Table, seed: int, threshold: int) -> pa.Table:
+    if threshold < 0:
+        return tb
+    to_val = _id_hash([str(x) for x in tb["id"].to_pylist()], seed) <= np.uint64(threshold)
+    is_train = pc.equal(tb["split"], "train")
+    split = pc.if_else(pc.and_(is_train, pa.array(to_val)), "val", tb["split"])
+    return tb.set_column(tb.schema.get_field_index("split"), "split", split)
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+class MMCollate(NumpyBatchCollateFn):
+    """numpy batch -> dict[str, torch.Tensor] with the dtypes of the batch contract (mmfusion.models.spec).
+    Columns outside the contract (id, split, ...) are dropped."""
+
+    DTYPES: dict[str, torch.dtype] = {
+        "image": torch.float32,  # (B, C, H, W)
+        "text": torch.int64,  # (B, L)
+        "text_mask": torch.int64,  # (B, L)
+        "audio": torch.float32,  # (B, 1, F, T)
+        "present": torch.bool,  # (B, M)
+        "label": torch.int64,  # (B,)
+    }
+
+    def __init__(self, spec: InputSpec | None = None) -> None:
+        super().__init__()
+        self.required: tuple[str, ...] = ()
+        if spec is not None:
+            keys = [*(["image"] if "image" in spec.modalities else []),
+                    *(["text", "text_mask"] if "text" in spec.modalities else []),
+                    *(["audio"] if "audio" in spec.modalities else []), "present"]
+            self.required = tuple(keys)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        missing = [k for k in self.required if k not in batch]
+        if missing:
+            raise DataError(f"batch lacks {missing} (has {sorted(batch)}): is this dataset from build_datasets?")
+        out = {}
+        for k, v in batch.items():
+            dtype = self.DTYPES.get(k)
+            if dtype is not None:  # writable + contiguous: torch.from_numpy shares memory without warnings
+                out[k] = torch.from_numpy(np.require(np.asarray(v), requirements=("C", "W"))).to(dtype)
+        return out
+
+
+def iter_torch_batches(ds: ray.data.Dataset | ray.data.DataIterator, batch_size: int, spec: InputSpec | None = None,
+                       shuffle_seed: int | None = None, shuffle_buffer: int | None = None, drop_last: bool = False,
+                       device: str | Literal["auto"] = "auto", prefetch_batches: int = 1,
+                       ) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated torch batches from a dataset or a Train shard. shuffle_seed turns on a local shuffle buffer;
+    pass seed + epoch for a different order every epoch."""
+    kwargs: dict[str, Any] = {}
+    if shuffle_seed is not None:
+        kwargs = {"local_shuffle_buffer_size": shuffle_buffer or max(4 * batch_size, 256),
+                  "local_shuffle_seed": shuffle_seed}
+    return iter(ds.iter_torch_batches(batch_size=batch_size, collate_fn=MMCollate(spec), drop_last=drop_last,
+                                      device=device, prefetch_batches=prefetch_batches, **kwargs))
