@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv sysdeps test test-unit demo lint bench clean
+.PHONY: venv sysdeps test test-unit demo lint bench-fusion clean
 
 venv: $(STAMP)
 
@@ -48,11 +48,19 @@ test-unit: venv
 $(DATA)/data_card.json: | venv sysdeps
 	$(MMF) data build avt-digits --out $(DATA)
 
+ARTIFACT ?= artifacts/avt_digits
+
+# build AVT-Digits, show it, train (resumes/reuses a finished run of the same config), evaluate on test
 demo: venv sysdeps $(DATA)/data_card.json
 	$(MMF) data inspect $(DATA)
+	$(MMF) train jobs/configs/avt_digits.yaml data.path=$(DATA) train.artifact_dir=$(ARTIFACT)
+	$(MMF) evaluate $(ARTIFACT) --data $(DATA) --split test
+
+bench-fusion: venv sysdeps $(DATA)/data_card.json
+	$(PY) bench/fusion_vs_single.py --data $(DATA)
 
 lint: venv
 	$(VENV)/bin/ruff check platform tests bench jobs
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs artifacts .pytest_cache

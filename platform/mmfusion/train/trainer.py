@@ -54,7 +54,7 @@ def run_training(cfg: ExperimentConfig, address: str | None = None) -> TrainRun:
     init_ray(address)
     check_fits(tc.num_workers, tc.cpus_per_worker, tc.use_gpu, strict=embedded)
 
-    bundle = build_datasets(cfg.data, splits=("train", "val"))
+    bundle = build_datasets(cfg.data, splits=("train", "val"), seed=cfg.seed)
     log.info("data: %d train rows, %d val rows, %d classes, %d rejected", bundle.train_rows, bundle.val_rows,
              len(bundle.labels), bundle.num_rejected)
     trainer = TorchTrainer(
@@ -85,8 +85,9 @@ def run_training(cfg: ExperimentConfig, address: str | None = None) -> TrainRun:
 
 def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, storage: str) -> TrainRun:
     """Best checkpoint -> artifact folder with metrics, training curves and a val confusion matrix."""
-    from mmfusion.artifact import save_artifact
+    from mmfusion.artifact import load_artifact, save_artifact
     from mmfusion.evaluate.plots import plot_training_curves
+    from mmfusion.evaluate.report import evaluate_dataset
     from mmfusion.train.checkpoint import load_loop_state, load_model_state
 
     latest = result.checkpoint
@@ -104,6 +105,8 @@ def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, stora
     out = Path(cfg.train.artifact_dir).absolute() if cfg.train.artifact_dir else Path(storage) / name / "artifact"
     save_artifact(out, weights, cfg, bundle.labels, metrics)
     plot_training_curves(state.history, out / "training_curves.png", title=name)
+    val = evaluate_dataset(load_artifact(out), bundle.val, "val")  # confusion matrix of the kept model
+    metrics["evaluation"] = {"val": val.report}
     log.info("artifact written to %s (best %s %.4f at epoch %d)", out, cfg.train.metric,
              state.best_metric or float("nan"), state.best_epoch + 1)
     return TrainRun(name, Path(storage) / name, out, metrics)

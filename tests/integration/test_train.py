@@ -1,0 +1,113 @@
+"""Ray Train on a real local cluster: 2-worker DDP, artifact round trip, worker-failure recovery."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmfusion.artifact import load_artifact
+from mmfusion.errors import ConfigError, DataError
+from tests.helpers import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+def _predict(artifact, table_dir: Path):
+    from mmfusion.evaluate.report import predict_split
+
+    return predict_split(artifact, str(table_dir), "test")
+
+
+def test_two_worker_training_writes_an_artifact_that_reloads_identically(ray_local, avt_tiny, tmp_path, monkeypatch):
+    from mmfusion.train.trainer import run_training
+
+    cfg = tiny_config(avt_tiny, tmp_path / "runs", "train.num_workers=2")
+    run = run_training(cfg)
+    art_dir = run.artifact
+    for f in ("model.safetensors", "config.yaml", "labels.json", "metrics.json", "training_curves.png"):
+        assert (art_dir / f).is_file(), f
+    assert run.metrics["epochs_run"] == 2
+    assert [h["world_size"] for h in run.metrics["history"]] == [2, 2]
+
+    def no_pickle(*a, **k):
+        raise AssertionError("artifact loading must not unpickle")
+
+    with monkeypatch.context() as m:  # loading never unpickles: safetensors + YAML/JSON only
+        m.setattr(pickle, "load", no_pickle)
+        m.setattr(pickle, "loads", no_pickle)
+        m.setattr(torch, "load", no_pickle)
+        a1 = load_artifact(art_dir)
+        a2 = load_artifact(art_dir)
+    p1, p2 = _predict(a1, avt_tiny), _predict(a2, avt_tiny)
+    assert p1.probs.shape[1] == 10 and len(p1.probs) > 0
+    assert torch.equal(torch.as_tensor(p1.probs), torch.as_tensor(p2.probs))
+    # the artifact holds the best checkpoint's weights exactly
+    from mmfusion.train.checkpoint import load_model_state
+
+    best = max(Path(run.path).glob("checkpoint_*"), key=lambda d: (d / "state.json").stat().st_mtime)
+    ref = load_model_state(best)
+    state = a1.model.state_dict()
+    if run.metrics["best_epoch"] == run.metrics["epochs_run"] - 1:
+        assert all(torch.equal(state[k], ref[k]) for k in ref)
+
+
+def _worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, avt_tiny, tmp_path):
+    from mmfusion.train.trainer import run_training
+
+    cfg = tiny_config(avt_tiny, tmp_path / "runs", "train.num_workers=2", "train.epochs=6", "train.max_failures=1",
+                      "train.run_name=killme")
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(run=run_training(cfg)), daemon=True)
+    t.start()
+    run_dir = tmp_path / "runs" / "killme"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
+        time.sleep(0.2)
+    assert list(run_dir.glob("checkpoint_*")), "no checkpoint appeared"
+    pids = _worker_pids()
+    assert pids
+    os.kill(pids[0], signal.SIGKILL)
+    t.join(timeout=600)
+    metrics = result["run"].metrics
+    assert metrics["epochs_run"] == 6
+    assert len(metrics["starts"]) == 2 and metrics["starts"][0] == 0
+    resumed = metrics["starts"][1]
+    assert 1 <= resumed < 6  # continued from a checkpoint, did not start over
+    assert [h["epoch"] for h in metrics["history"]] == list(range(6))
+
+
+def test_more_workers_than_the_cluster_fits_fails_fast(ray_local, avt_tiny, tmp_path):
+    from mmfusion.train.trainer import run_training
+
+    t0 = time.time()
+    with pytest.raises(ConfigError, match="num_workers"):
+        run_training(tiny_config(avt_tiny, tmp_path / "runs", "train.num_workers=64"))
+    assert time.time() - t0 < 60
+
+
+def test_modality_the_data_lacks_fails_with_a_clear_error(ray_local, avt_tiny, tmp_path):
+    import pyarrow.parquet as pq
+
+    from mmfusion.train.trainer import run_training
+
+    data = tmp_path / "noaudio"
+    data.mkdir()
+    for split in ("train", "val", "test"):
+        t = pq.read_table(avt_tiny / f"{split}.parquet")
+        pq.write_table(t.drop_columns(["audio"]), data / f"{split}.parquet")
+    with pytest.raises(DataError, match="audio"):
+        run_training(tiny_config(data, tmp_path / "runs"))
