@@ -26,6 +26,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs every report and checkpoint at INFO with the full metrics dict; our epoch line says it."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # this module's logger is named after its file path, not its module
+        from ray.train.v2._internal.execution import context as _ctx
+
+        logging.getLogger(_ctx.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
@@ -41,6 +52,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _quiet_ray_train_logs()
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(cfg.seed)
