@@ -190,12 +190,30 @@ class TrainConfig(Strict):
     num_threads: int | None = Field(None, ge=1)  # torch intra-op threads per worker; None = torch default
 
 
+class TuneConfig(Strict):
+    # dotted config key -> distribution: {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]},
+    # {randint: [lo, hi]} (hi exclusive), {grid: [...]} (every value, times num_samples)
+    space: dict[str, dict[str, Any]]
+    search: Literal["random", "optuna"] = "random"  # optuna: TPE over the finished trials' results
+    scheduler: Literal["asha", "none"] = "asha"  # asha stops trials that fall behind at each rung
+    num_samples: int = Field(8, ge=1)  # trials (with grid: repeats of the whole grid)
+    max_concurrent_trials: int = Field(1, ge=1)  # = cluster capacity // one trial's workers
+    metric: str | None = None  # default: train.metric
+    mode: Literal["max", "min"] | None = None  # default: train.mode
+    grace_period: int = Field(1, ge=1)  # epochs every trial gets before ASHA may stop it
+    reduction_factor: int = Field(2, ge=2)  # ASHA keeps the top 1/reduction_factor at each rung
+    name: str | None = None  # experiment name under train.storage_path; stable => re-running resumes
+    artifact_dir: str | None = None  # the best trial's artifact; default <storage>/<name>/best_artifact
+    trial_cpus: float = Field(0.1, gt=0)  # the trial driver's own reservation (its workers reserve their own)
+
+
 class ExperimentConfig(Strict):
     seed: int = 0
     data: DataConfig
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    tune: TuneConfig | None = None  # only `mmfusion tune` reads it
 
 
 
