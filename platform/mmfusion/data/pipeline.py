@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ from mmfusion.models.spec import InputSpec
 log = logging.getLogger(__name__)
 
 PREPROCESS_BATCH = 128  # rows per Preprocessor call: amortizes the vectorised torch work
+READ_CPUS = 0.5  # per read task (I/O-bound) when reads run apart from the Preprocessor actors
+PREPROCESS_BLOCK = 512  # rows per block handed to a Preprocessor actor
+ROWS_PER_ACTOR = 4096  # one more actor per this many rows: an actor costs seconds to start (torch imports)
 MANIFEST_UNIT_ROWS = 1024  # JSONL/CSV records per read task (each loads the media files its rows name)
 
 
@@ -129,18 +133,29 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
 def _preprocessed(cfg: DataConfig, summary: records.DatasetSummary, splits: list[str], labels: list[str],
                   ) -> ray.data.Dataset:
     units = [u.as_row() for u in records.plan_units(summary.files, MANIFEST_UNIT_ROWS)]
-    read_compute = TaskPoolStrategy(size=cfg.read_parallelism) if cfg.read_parallelism > 0 else None
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(
-        _read_units, batch_size=1, batch_format="pyarrow", compute=read_compute,
+    rows = sum(n for s, n in summary.rows.items() if s in splits)
+    actors = min(_cluster_cpus(), max(1, math.ceil(rows / ROWS_PER_ACTOR)))
+    read_kwargs: dict[str, Any] = {}
+    if cfg.read_parallelism > 0:
+        read_kwargs["compute"] = TaskPoolStrategy(size=cfg.read_parallelism)
+    if actors > 1:
+        # a resource request unlike the Preprocessor's keeps Ray from fusing reads into the actors, so the blocks
+        # a read task streams out (cut to PREPROCESS_BLOCK rows) are spread over the whole actor pool
+        read_kwargs["num_cpus"] = READ_CPUS
+    ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        _read_units, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"label_column": cfg.label_column, "splits": splits, "modalities": list(cfg.modalities)},
+        **read_kwargs,
     )
+    if actors > 1:
+        ds = ds.repartition(target_num_rows_per_block=PREPROCESS_BLOCK)  # streaming, no shuffle
+    log.info("preprocessing %d rows with up to %d actor(s)", rows, actors)
     return ds.map_batches(
         Preprocessor,
         fn_constructor_kwargs={"cfg": cfg, "labels": labels, "num_threads": 1},
         batch_size=PREPROCESS_BATCH,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=1, max_size=_cluster_cpus()),
+        compute=ActorPoolStrategy(min_size=1, max_size=actors),
     )
 
 

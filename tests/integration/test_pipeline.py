@@ -1,0 +1,109 @@
+"""The Ray Data pipeline on a real local Ray cluster: acceptance 3 (bad records are set aside, good rows flow)
+and acceptance 4 (AVT-Digits -> collated torch batches with the documented keys, shapes and dtypes)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from tests.unit.test_records import acceptance_manifest
+
+from mmfusion.config import DataConfig, load_config
+from mmfusion.data import pipeline, records
+from mmfusion.data.pipeline import build_datasets, iter_torch_batches
+from mmfusion.errors import DataError
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_acceptance3_bad_rows_rejected_good_rows_flow(ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture):
+    manifest = acceptance_manifest(tmp_path, good=12)  # + a truncated PNG, an empty WAV, a missing file, Latin-1 text
+    # the path big datasets take: several read units, blocks cut small and spread over two Preprocessor actors
+    monkeypatch.setattr(pipeline, "ROWS_PER_ACTOR", 8)
+    monkeypatch.setattr(pipeline, "PREPROCESS_BLOCK", 4)
+    monkeypatch.setattr(pipeline, "MANIFEST_UNIT_ROWS", 6)
+    cfg = DataConfig(path=str(manifest), max_bad_fraction=0.3, val_fraction=0.25)
+    with caplog.at_level(logging.INFO, logger="mmfusion.data.pipeline"):
+        bundle = build_datasets(cfg, seed=3)
+    assert "preprocessing 16 rows with up to 2 actor(s)" in caplog.text
+
+    assert (bundle.num_rows, bundle.num_rejected) == (16, 4)
+    assert bundle.rejects_path == tmp_path / "manifest.rejects.jsonl"
+    rejects = {r["id"]: (r["modality"], r["reason"]) for r in records.read_rejects(bundle.rejects_path)}
+    assert rejects["trunc"][0] == "image" and "truncated" in rejects["trunc"][1]
+    assert rejects["emptywav"] == ("audio", "empty (0 bytes)")
+    assert rejects["missing"][0] == "image" and rejects["missing"][1].startswith("file not found")
+    assert rejects["latin1"][0] == "text" and "not valid UTF-8" in rejects["latin1"][1]
+
+    # no val split in the manifest: 25% of the 12 good train rows, by a seeded id hash
+    assert (bundle.train_rows, bundle.val_rows, bundle.test) == (9, 3, None)
+    assert bundle.labels == ["0", "1"]
+    seen: Counter[int] = Counter()
+    for ds, n in ((bundle.train, 9), (bundle.val, 3)):
+        batches = list(iter_torch_batches(ds, batch_size=4, spec=bundle.spec))
+        assert sum(len(b["label"]) for b in batches) == n
+        for b in batches:
+            assert set(b) == {"image", "text", "text_mask", "audio", "present", "label"}
+            assert b["present"].all()  # every good row of this manifest has all three modalities
+            seen.update(b["label"].tolist())
+    assert seen == Counter({0: 6, 1: 6})
+
+
+def test_too_many_bad_rows_stop_the_run(ray_local, tmp_path: Path):
+    manifest = acceptance_manifest(tmp_path, good=6)
+    with pytest.raises(DataError) as e:
+        build_datasets(DataConfig(path=str(manifest), max_bad_fraction=0.1))
+    msg = str(e.value)
+    assert "4 of 10 rows (40.0%)" in msg and "max_bad_fraction=0.1" in msg
+    assert str(tmp_path / "manifest.rejects.jsonl") in msg
+    assert len(records.read_rejects(tmp_path / "manifest.rejects.jsonl")) == 4
+
+
+def test_configured_modality_absent_from_the_data(tmp_path: Path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"text": "one", "label": 1}\n')
+    with pytest.raises(DataError, match="data.modalities includes 'image', 'audio' but the dataset .* has no image or "
+                                        "audio column"):
+        build_datasets(DataConfig(path=str(path)))
+    with pytest.raises(DataError, match="has no 'test' rows"):
+        build_datasets(DataConfig(path=str(path), modalities=["text"]), splits=("train", "test"))
+
+
+def test_acceptance4_avt_digits_collated_batches(ray_local, avt_tiny: Path):
+    cfg = load_config(REPO / "jobs" / "configs" / "avt_digits.yaml", [f"data.path={avt_tiny}"]).data
+    bundle = build_datasets(cfg, splits=("train", "val", "test"))
+    spec = bundle.spec
+    assert spec.modalities == ("image", "text", "audio")
+    assert bundle.labels == [str(d) for d in range(10)]
+    assert bundle.num_rows == bundle.train_rows + bundle.val_rows + bundle.test_rows + bundle.num_rejected
+    assert min(bundle.train_rows, bundle.val_rows, bundle.test_rows) > 0
+
+    missing = Counter()
+    for name, ds, n in (("train", bundle.train, bundle.train_rows), ("val", bundle.val, bundle.val_rows),
+                        ("test", bundle.test, bundle.test_rows)):
+        rows = 0
+        for b in iter_torch_batches(ds, batch_size=64, spec=spec, shuffle_seed=0 if name == "train" else None):
+            B = len(b["label"])
+            rows += B
+            assert b["image"].shape == (B, *spec.image_shape) and b["image"].dtype == torch.float32
+            assert b["text"].shape == (B, spec.max_text_len) and b["text"].dtype == torch.int64
+            assert b["text_mask"].shape == (B, spec.max_text_len) and b["text_mask"].dtype == torch.int64
+            assert b["audio"].shape == (B, *spec.audio_shape) and b["audio"].dtype == torch.float32
+            assert b["present"].shape == (B, 3) and b["present"].dtype == torch.bool
+            assert b["label"].dtype == torch.int64 and 0 <= b["label"].min() and b["label"].max() <= 9
+            assert b["present"].any(dim=1).all()  # every row has at least one modality
+            assert torch.isfinite(b["image"]).all() and torch.isfinite(b["audio"]).all()
+            for j, key in enumerate(("image", "text", "audio")):
+                absent = ~b["present"][:, j]
+                missing[key] += int(absent.sum())
+                assert (b[key][absent] == 0).all()  # a missing modality is zeros
+                assert (b[key][~absent].flatten(1) != 0).any(dim=1).all()  # a present one is not
+            assert ((b["text_mask"] == 1) == (b["text"] != spec.pad_id)).all()
+        assert rows == n, name
+    assert sum(missing.values()) > 0  # the tiny build has rows with a missing modality, and they flow through
