@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +264,27 @@ def test_preprocessor_only_configured_modalities_and_no_labels():
     assert set(out) == {"text", "text_mask", "present", "label", "id", "error"}
     assert out["error"].tolist() == ["", ""]  # the unconfigured (and bad) image is never decoded
     assert out["label"].tolist() == [-1, -1] and out["present"].tolist() == [[True], [True]]
+
+
+def test_collate_to_the_torch_batch_contract():
+    import torch
+
+    from mmfusion.data.pipeline import MMCollate
+
+    cfg = DataConfig(path="x", modalities=["image", "text"])
+    out = Preprocessor(cfg, labels=["1", "2"])({"image": np.array([png(), None], dtype=object),
+                                                 "text": np.array(["a", "b"], dtype=object),
+                                                 "label": np.array(["2", "1"], dtype=object)})
+    batch = {k: v for k, v in out.items() if k not in ("id", "error")}
+    for v in batch.values():
+        v.setflags(write=False)  # Ray hands out read-only arrays
+    collate = MMCollate(input_spec(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-writable NumPy array" warning
+        t = collate(batch)
+    assert set(t) == {"image", "text", "text_mask", "present", "label"}
+    assert t["image"].dtype == torch.float32 and t["image"].shape == (2, 1, 28, 28)
+    assert t["text"].dtype == t["text_mask"].dtype == torch.int64 and t["present"].dtype == torch.bool
+    assert t["label"].tolist() == [1, 0] and t["present"].tolist() == [[True, True], [False, True]]
+    with pytest.raises(DataError, match=r"batch lacks \['text_mask'\]"):
+        collate({k: v for k, v in batch.items() if k != "text_mask"})

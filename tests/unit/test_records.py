@@ -79,6 +79,7 @@ def test_parquet_bytes_columns(tmp_path: Path):
     assert tb["split"].to_pylist() == ["train"] * 3  # a single file without a split column
     assert tb["id"].to_pylist() == ["data.parquet:0", "data.parquet:1", "data.parquet:2"]
     assert tb["row"].to_pylist() == [0, 1, 2] and set(tb["error"].to_pylist()) == {""}
+    assert records.read_records(f"file://{tmp_path}").equals(tb)  # a file:// URI names the same data
 
 
 def test_parquet_path_columns_relative_and_absolute(tmp_path: Path):
