@@ -66,6 +66,53 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from mmfusion.config import apply_overrides, read_yaml, validate_config
+    from mmfusion.tune.runner import run_tune
+
+    raw = apply_overrides(read_yaml(args.config), args.overrides)
+    run = run_tune(validate_config(raw, source=args.config), raw, address=args.address)
+    sys.stdout.write(f"{run.table}\n\ntrials: {run.csv}\ncurves: {run.plot}\nbest artifact:\n{run.artifact}\n")
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from mmfusion.jobs import submit
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    job = submit(command, address=args.address, working_dir=Path(args.working_dir), wait=not args.no_wait,
+                 use_installed=args.use_installed, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    if args.no_wait:
+        sys.stdout.write(f"{job.job_id}\n")
+        return 0
+    return _job_outcome(job)
+
+
+def _job_outcome(job) -> int:  # a mmfusion.jobs.JobResult
+    if job.succeeded:
+        log.info("job %s succeeded", job.job_id)
+        return 0
+    tail = f"\n--- last lines of the job's log ---\n{job.log_tail}" if job.log_tail else ""
+    sys.stderr.write(f"mmfusion: job {job.job_id} {job.status}: {job.message}{tail}\n")
+    return 1
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from mmfusion import jobs
+
+    if args.sub == "list":
+        sys.stdout.write(jobs.format_jobs(jobs.list_jobs(args.address)) + "\n")
+    elif args.sub == "status":
+        info = jobs.job_info(args.job_id, args.address)
+        sys.stdout.write(f"{info.status}\n" + (f"{info.message}\n" if info.message else ""))
+    elif args.sub == "logs":
+        job = jobs.job_logs(args.job_id, args.address, follow_logs=args.follow)
+        return _job_outcome(job) if args.follow else 0
+    elif args.sub == "stop":
+        sys.stdout.write(f"{jobs.stop_job(args.job_id, args.address)}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmfusion", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -104,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(t)
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
 
+    tn = cmd(sub, "tune", _tune, "hyperparameter search with Ray Tune (the config's tune: section); "
+             "re-running resumes")
+    with_config(tn)
+    tn.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
+
     e = cmd(sub, "evaluate", _evaluate, "accuracy, macro-F1, per-class table and confusion matrix of an artifact")
     e.add_argument("artifact", help="artifact folder written by `mmfusion train`")
     e.add_argument("--data", help="dataset folder or manifest (default: the artifact's data.path)")
@@ -111,6 +163,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--modalities", nargs="+", choices=["image", "text", "audio"],
                    help="hide the other modalities (robustness to a missing modality)")
     e.add_argument("--address", help="Ray cluster address for large inputs (default: local, no Ray for small)")
+
+    address_help = ("Ray Jobs API (dashboard) URL, e.g. http://127.0.0.1:8265 (default: RAY_API_SERVER_ADDRESS, "
+                    "else an http RAY_ADDRESS, else http://127.0.0.1:8265)")
+    s = cmd(sub, "submit", _submit, "run an mmfusion command on a Ray cluster as a Ray Job: "
+            "mmfusion submit [options] -- train CONFIG [key=value ...]")
+    s.add_argument("--address", help=address_help)
+    s.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: .)")
+    s.add_argument("--no-wait", action="store_true", help="print the job id and return without streaming logs")
+    s.add_argument("--use-installed", action="store_true",
+                   help="run the mmfusion installed on the cluster instead of uploading platform/mmfusion")
+    s.add_argument("--num-cpus", type=float, help="CPUs reserved for the job's driver (default: 0)")
+    s.add_argument("--num-gpus", type=float, help="GPUs reserved for the job's driver (default: 0)")
+    s.add_argument("command", nargs=argparse.REMAINDER, help="-- then the mmfusion subcommand and its arguments")
+
+    jobs = sub.add_parser("jobs", help="list, inspect, follow and stop Ray Jobs").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    jl = cmd(jobs, "list", _jobs, "submitted jobs with their status")
+    jl.add_argument("--address", help=address_help)
+    for name, help_text in (("status", "a job's status and message"), ("logs", "a job's logs"),
+                            ("stop", "stop a job and wait for it to end")):
+        j = cmd(jobs, name, _jobs, help_text)
+        j.add_argument("job_id", metavar="ID", help="the job id printed by `mmfusion submit`")
+        j.add_argument("--address", help=address_help)
+        if name == "logs":
+            j.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
     return p
 
 

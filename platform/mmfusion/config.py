@@ -143,7 +143,7 @@ class EncodersConfig(Strict):
 
 
 class FusionConfig(Strict):
-    name: str = "concat"  # concat | attention | gated | tensor | low_rank | late
+    name: Literal["concat", "attention", "gated", "tensor", "low_rank", "late"] = "concat"  # the fusion operator
     dim: int = Field(128, ge=1)  # fused representation size
     hidden: int = Field(256, ge=1)  # MLP width after fusion
     heads: int = Field(4, ge=1)  # attention fusion
@@ -251,7 +251,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _depth: int = 0) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
@@ -263,7 +263,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(raw).__name__}")
+    base = raw.pop("base", None)  # `base: other.yaml` (relative to this file): this file's keys win
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"config file {p}: base must be a file name, got {base!r}")
+        if _depth > 8:
+            raise ConfigError(f"config file {p}: too many nested `base:` files")
+        raw = _deep_merge(read_yaml(p.parent / base, _depth + 1), raw)
     return raw
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, base_dir: str | Path | None = None,

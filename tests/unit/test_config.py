@@ -101,3 +101,13 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["config", "show", str(DEFAULT), "optim.lrr=1"]) == 2
     err = capsys.readouterr().err
     assert "mmfusion: error:" in err and "optim.lrr" in err and "Traceback" not in err
+
+
+def test_base_file_is_merged_under_the_including_file(tmp_path):
+    (tmp_path / "child.yaml").write_text(f"base: {DEFAULT}\noptim: {{lr: 0.5}}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.optim.lr == 0.5
+    assert cfg.optim.weight_decay == load_config(DEFAULT).optim.weight_decay  # the rest comes from the base
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="nested"):
+        load_config(tmp_path / "loop.yaml")

@@ -1,0 +1,218 @@
+"""`mmfusion tune`: one Ray Tune trial = one TorchTrainer run of the base config plus sampled overrides.
+
+    space -> validated up front -> datasets built once -> Tuner(trial_fn) with ASHA / Optuna -> results table,
+    CSV, per-trial curves plot, and the best trial exported as a regular artifact at a stable path.
+
+Re-running the same command restores the experiment (Tuner.restore): finished trials are kept, unfinished ones
+continue from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mmfusion.config import ExperimentConfig
+from mmfusion.errors import ConfigError, MmfusionError
+from mmfusion.tune.space import to_ray, trial_config, validate_space
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TuneRun:
+    name: str
+    path: Path  # the Tune experiment folder
+    artifact: Path  # best trial's artifact
+    csv: Path
+    plot: Path
+    table: str
+    rows: list[dict[str, Any]]
+
+
+def experiment_name(cfg: ExperimentConfig) -> str:
+    assert cfg.tune is not None
+    if cfg.tune.name:
+        return cfg.tune.name
+    digest = hashlib.sha1(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
+    return f"tune-{Path(cfg.data.path.rstrip('/')).stem}-{digest}"
+
+
+def trial_fn(config: dict[str, Any], base: dict[str, Any], datasets: dict[str, Any], data_info: dict[str, Any],
+             train_storage: str) -> None:
+    """Runs inside a Tune trial actor: build the trial's config and run one TorchTrainer."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mmfusion.train.worker import train_loop_per_worker
+
+    cfg = trial_config(base, config["values"])
+    tc = cfg.train
+    TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), **data_info},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})),
+        run_config=ray.train.RunConfig(
+            name=f"trial-{tune.get_context().get_trial_id()}",  # stable: a restored trial resumes its Train run
+            storage_path=train_storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.checkpoints_to_keep,
+                                                         checkpoint_score_attribute=tc.metric,
+                                                         checkpoint_score_order=tc.mode),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            callbacks=[TuneReportCallback()]),
+        datasets=datasets,
+    ).fit()
+
+
+def run_tune(cfg: ExperimentConfig, raw: dict[str, Any], address: str | None = None) -> TuneRun:
+    """raw: the resolved experiment dict (base config for every trial)."""
+    import ray.tune as tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from mmfusion.data.pipeline import build_datasets
+    from mmfusion.runtime import check_fits, init_ray
+    from mmfusion.train.trainer import _absolute
+
+    if cfg.tune is None:
+        raise ConfigError("the config has no `tune:` section (see jobs/configs/tune_avt_digits.yaml)")
+    tu = cfg.tune
+    parsed = validate_space(raw, tu.space, tu.search)  # before Ray starts: a typo costs nothing
+    metric, mode = tu.metric or cfg.train.metric, tu.mode or cfg.train.mode
+    name = experiment_name(cfg)
+    storage = _absolute(cfg.train.storage_path)
+    exp_path = f"{storage.rstrip('/')}/{name}"
+
+    init_ray(address, dashboard=True)  # Train's placement-group cleaner under ASHA needs the State API
+    check_fits(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu,
+               strict=not (address or _env_address()))
+    bundle = build_datasets(cfg.data, splits=("train", "val"), seed=cfg.seed)
+    data_info = {"labels": bundle.labels, "spec": asdict(bundle.spec), "train_rows": bundle.train_rows}
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_fn, base=raw, datasets={"train": bundle.train, "val": bundle.val},
+                             data_info=data_info, train_storage=f"{exp_path}/train"),
+        {"CPU": tu.trial_cpus})
+
+    if tune.Tuner.can_restore(exp_path):
+        log.info("resuming tune experiment %s", exp_path)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+    else:
+        search_alg = None
+        if tu.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(seed=cfg.seed)
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                                   grace_period=tu.grace_period, reduction_factor=tu.reduction_factor)
+                     if tu.scheduler == "asha" else None)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"values": to_ray(parsed)},
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=tu.num_samples,
+                                        max_concurrent_trials=tu.max_concurrent_trials, search_alg=search_alg,
+                                        scheduler=scheduler),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    log.info("tune experiment %s: %d sample(s), search=%s, scheduler=%s, metric=%s (%s)", name, tu.num_samples,
+             tu.search, tu.scheduler, metric, mode)
+    grid = tuner.fit()
+    return summarize(grid, cfg, raw, bundle, name, exp_path, metric, mode)
+
+
+def summarize(grid: Any, cfg: ExperimentConfig, raw: dict[str, Any], bundle: Any, name: str, exp_path: str,
+              metric: str, mode: str) -> TuneRun:
+    import ray.train
+
+    from mmfusion.train.trainer import export_run
+
+    rows = []
+    for r in grid:
+        df = r.metrics_dataframe
+        curve = df[metric].tolist() if df is not None and metric in df else []
+        values = (r.config or {}).get("values", {})
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        best = (max if mode == "max" else min)(curve) if curve else None
+        rows.append({"trial_id": trial_id, **values, "epochs": len(curve), f"best_{metric}": best,
+                     "status": "error" if r.error else ("stopped early" if len(curve) < cfg.train.epochs
+                                                        else "completed"),
+                     "curve": curve})
+    ok = [r for r in rows if r[f"best_{metric}"] is not None]
+    if not ok:
+        raise MmfusionError(f"no trial of {name} reported {metric}; see the logs in {exp_path}")
+    ok.sort(key=lambda r: r[f"best_{metric}"], reverse=(mode == "max"))
+    best = ok[0]
+    out_dir = Path(exp_path)
+    csv_path = _write_csv(rows, out_dir / "trials.csv")
+    plot = _plot(rows, metric, out_dir / "trials.png")
+
+    train_dir = f"{exp_path}/train/trial-{best['trial_id']}"
+    result = ray.train.Result.from_path(train_dir)
+    best_cfg = trial_config(raw, {k: best[k] for k in cfg.tune.space})
+    if cfg.tune.artifact_dir:
+        best_cfg.train.artifact_dir = cfg.tune.artifact_dir
+    else:
+        best_cfg.train.artifact_dir = str(out_dir / "best_artifact")
+    run = export_run(result, best_cfg, bundle, f"trial-{best['trial_id']}", f"{exp_path}/train")
+    table = _table(rows, metric, mode, list(cfg.tune.space))
+    return TuneRun(name, out_dir, run.artifact, csv_path, plot, table, rows)
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = [k for k in rows[0] if k != "curve"]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _plot(rows: list[dict[str, Any]], metric: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["curve"]:
+            ax.plot(range(1, len(r["curve"]) + 1), r["curve"], "-o", ms=3, label=str(r["trial_id"])[-8:])
+    ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per trial")
+    ax.grid(alpha=0.3)
+    if len(rows) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _table(rows: list[dict[str, Any]], metric: str, mode: str, keys: list[str]) -> str:
+    ordered = sorted(rows, key=lambda r: (r[f"best_{metric}"] is None,
+                                          -(r[f"best_{metric}"] or 0) if mode == "max" else (r[f"best_{metric}"] or 0)))
+    head = ["trial", *keys, "epochs", f"best {metric}", "status"]
+    lines = [" | ".join(head)]
+    for r in ordered:
+        v = r[f"best_{metric}"]
+        lines.append(" | ".join([str(r["trial_id"])[-8:], *(_fmt(r.get(k)) for k in keys), str(r["epochs"]),
+                                 f"{v:.4f}" if v is not None else "-", r["status"]]))
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _env_address() -> str | None:
+    import os
+
+    return os.environ.get("RAY_ADDRESS")
