@@ -12,8 +12,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmfusion.errors import MmfusionError
+
+if TYPE_CHECKING:
+    from mmfusion.jobs import JobResult
 
 log = logging.getLogger("mmfusion")
 
@@ -88,7 +92,7 @@ def _submit(args: argparse.Namespace) -> int:
     return _job_outcome(job)
 
 
-def _job_outcome(job) -> int:  # a mmfusion.jobs.JobResult
+def _job_outcome(job: JobResult) -> int:
     if job.succeeded:
         log.info("job %s succeeded", job.job_id)
         return 0
