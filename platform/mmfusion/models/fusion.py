@@ -8,9 +8,9 @@
     LateFusion       one classifier per modality, logits averaged over the present modalities
 
 Missing modalities. Mask columns follow `in_dims`' order (InputSpec.modalities). Every operator makes a
-missing modality's embedding irrelevant, exactly: concat, gated, tensor and low-rank fusion substitute a
-learned placeholder vector for it (gated fusion also gives it zero gate weight); attention fusion masks its
-token out; late fusion leaves its logits out of the average. A row with no modality at all is not valid
+missing modality's embedding irrelevant, exactly: concat, tensor and low-rank fusion substitute a learned
+placeholder vector for it; gated fusion gives it zero gate weight; attention fusion masks its token out;
+late fusion leaves its logits out of the average. A row with no modality at all is not valid
 input (modality dropout never produces one); it still yields finite output.
 
 Each operator exposes `out_dim`; `emits_logits` is True only for late fusion, whose output is the logits.
@@ -123,31 +123,33 @@ class AttentionFusion(Fusion):
 
 
 class GatedFusion(Fusion):
-    """GMU: `h_m = tanh(W_m x_m)`, gates `z = softmax_m(W_z [x_1; ...; x_M])` per feature (missing
-    modalities get zero gate weight), output `sum_m z_m * h_m`: `(B, out_dim)`. With two modalities the
-    softmax is the original GMU's sigmoid gate.
+    """GMU: `h_m = tanh(W_m x_m)`, gates `z = softmax_m(W_z [x_1; ...; x_M; present])` per feature, output
+    `sum_m z_m * h_m`: `(B, out_dim)`. A missing modality gets zero gate weight and enters the gate input as
+    zeros, with the presence flags telling the gate what is missing. With two modalities the softmax is the
+    original GMU's sigmoid gate.
     """
 
     def __init__(self, in_dims: dict[str, int], out_dim: int = 128, dropout: float = 0.1) -> None:
         super().__init__(in_dims, out_dim)
-        self.add_placeholders()
         self.hidden = nn.ModuleDict({m: nn.Linear(d, out_dim) for m, d in in_dims.items()})
         m = len(in_dims)
-        self.gate = nn.Linear(sum(in_dims.values()), m * out_dim) if m > 1 else None
+        self.gate = nn.Linear(sum(in_dims.values()) + m, m * out_dim) if m > 1 else None
         self.drop = nn.Dropout(dropout)
 
     def forward(self, feats: dict[str, Tensor], present: Tensor) -> Tensor:
-        xs = self.filled(feats, present)
-        h = torch.stack([torch.tanh(self.hidden[m](x)) for m, x in zip(self.modalities, xs, strict=True)], dim=1)  # (B,M,D)
+        xs = [torch.where(present[:, i : i + 1], feats[m], torch.zeros_like(feats[m]))
+              for i, m in enumerate(self.modalities)]
+        h = torch.stack([torch.tanh(self.hidden[m](x)) for m, x in zip(self.modalities, xs, strict=True)],
+                        dim=1)  # (B, M, out_dim)
         if self.gate is None:
             return self.drop(h[:, 0])
-        logits = self.gate(torch.cat(xs, dim=1)).view(h.shape)  # (B, M, out_dim)
+        logits = self.gate(torch.cat([*xs, present.to(h.dtype)], dim=1)).view(h.shape)  # (B, M, out_dim)
         logits = logits.masked_fill(~_valid_rows(present).unsqueeze(-1), float("-inf"))
         return self.drop((torch.softmax(logits, dim=1) * h).sum(dim=1))
 
 
 class TensorFusion(Fusion):
-    """TFN: each modality -> Linear(`tensor_dim`) -> ReLU -> append 1, outer product over the modalities,
+    """TFN: each modality -> Linear(`tensor_dim`) -> append 1, outer product over the modalities,
     flatten (`prod_m (tensor_dim + 1)` features: unimodal, bimodal and trimodal terms), Linear -> ReLU:
     `(B, out_dim)`. `tensor_dim` keeps the product small (16 -> 17^3 = 4913 features for three modalities).
     """
@@ -156,8 +158,8 @@ class TensorFusion(Fusion):
                  dropout: float = 0.1) -> None:
         super().__init__(in_dims, out_dim)
         self.add_placeholders()
-        self.sub = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, tensor_dim), nn.ReLU(inplace=True))
-                                  for m, d in in_dims.items()})
+        # linear sub-projections: the outer product already supplies the multiplicative interactions
+        self.sub = nn.ModuleDict({m: nn.Linear(d, tensor_dim) for m, d in in_dims.items()})
         n = (tensor_dim + 1) ** len(in_dims)
         self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(n, out_dim), nn.ReLU(inplace=True))
 
