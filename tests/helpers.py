@@ -36,3 +36,8 @@ def tiny_config(data: Path, storage: Path, *overrides: str) -> ExperimentConfig:
 def write_tiny_yaml(path: Path, data: Path, storage: Path, *overrides: str) -> Path:
     path.write_text(yaml.safe_dump(tiny_raw(data, storage, *overrides), sort_keys=False))
     return path
+
+
+def ckpts(run_dir: Path) -> list[Path]:
+    """Ray Train checkpoint folders of a run (not checkpoint_manager_snapshot.json)."""
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())

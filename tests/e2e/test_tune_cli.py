@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
+from tests.helpers import ckpts as _ckpts
 from tests.helpers import tiny_raw
 
 pytestmark = pytest.mark.e2e
@@ -41,8 +41,8 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(avt_tiny, 
     assert first is not None, "the first trial did not finish in time"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = {p.name for p in first.glob("checkpoint_*")}
-    state = json.loads((max(first.glob("checkpoint_*")) / "state.json").read_text())
+    finished = {p.name for p in _ckpts(first)}
+    state = json.loads((max(_ckpts(first)) / "state.json").read_text())
     assert state["epoch"] == 1  # the first trial had finished both epochs
 
     out = subprocess.run([MMF, "tune", str(cfg)], env=env, capture_output=True, text=True, timeout=600)
@@ -50,5 +50,5 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(avt_tiny, 
     with (tmp_path / "runs" / "resume" / "trials.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["model.fusion.name"] for r in rows) == ["concat", "gated", "late"]
-    assert {p.name for p in first.glob("checkpoint_*")} == finished  # the finished trial did not train again
+    assert {p.name for p in _ckpts(first)} == finished  # the finished trial did not train again
     assert Path(out.stdout.strip().splitlines()[-1]).joinpath("model.safetensors").is_file()

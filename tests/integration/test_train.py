@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers import ckpts as _ckpts
+from tests.helpers import tiny_config
 
 from mmfusion.artifact import load_artifact
 from mmfusion.errors import ConfigError, DataError
-from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,7 @@ def test_two_worker_training_writes_an_artifact_that_reloads_identically(ray_loc
     # the artifact holds the best checkpoint's weights exactly
     from mmfusion.train.checkpoint import load_model_state
 
-    best = max(Path(run.path).glob("checkpoint_*"), key=lambda d: (d / "state.json").stat().st_mtime)
+    best = max(_ckpts(Path(run.path)), key=lambda d: (d / "state.json").stat().st_mtime)
     ref = load_model_state(best)
     state = a1.model.state_dict()
     if run.metrics["best_epoch"] == run.metrics["epochs_run"] - 1:
@@ -75,9 +76,9 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, avt_tiny, tm
     t.start()
     run_dir = tmp_path / "runs" / "killme"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
+    while time.time() < deadline and not _ckpts(run_dir):
         time.sleep(0.2)
-    assert list(run_dir.glob("checkpoint_*")), "no checkpoint appeared"
+    assert _ckpts(run_dir), "no checkpoint appeared"
     pids = _worker_pids()
     assert pids
     os.kill(pids[0], signal.SIGKILL)

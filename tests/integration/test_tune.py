@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 
 import pytest
+from tests.helpers import tiny_raw
 
 from mmfusion.artifact import load_artifact
 from mmfusion.config import validate_config
 from mmfusion.evaluate.report import evaluate_artifact
-from tests.helpers import tiny_raw
 
 pytestmark = pytest.mark.integration
 

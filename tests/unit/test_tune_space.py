@@ -1,11 +1,11 @@
 """The search space is checked before any trial (or Ray) starts, naming the key."""
 
 import pytest
+from tests.helpers import DEFAULT_CONFIG, REPO
 
 from mmfusion.config import read_yaml
 from mmfusion.errors import ConfigError
 from mmfusion.tune.space import check_space, trial_config, validate_space
-from tests.helpers import DEFAULT_CONFIG, REPO
 
 BASE = read_yaml(DEFAULT_CONFIG)
 
