@@ -1,0 +1,353 @@
+"""Ray Serve deployments: the FastAPI ingress, one encoder deployment per modality, the fusion deployment, and
+the whole-model deployment of the `single` topology.
+
+    HTTP -> Ingress (validate, 4xx) --asyncio.gather--> ImageEncoder / TextEncoder / AudioEncoder  (@serve.batch)
+                                    --------------------> Fusion                                    (@serve.batch)
+         single topology: Ingress -> Model (@serve.batch: preprocess, encode, fuse in one replica)
+
+Preprocessing runs in the encoder deployments, not in the ingress: decoding and resizing cost as much as a
+small encoder, so they scale with that modality's replicas (the GPU image encoder's node does its own JPEG
+decoding), batches go through the vectorised batch kernels shared with Ray Data, and encoded media (a few KB)
+travel between replicas instead of float tensors. The ingress stays light (no torch import) and only checks
+what needs no decoding: size, content type, fields, base64, API key, the model's modalities. It awaits the
+encoders itself (rather than chaining their responses into the fusion call) so that a decode error becomes a
+400 naming the modality and a full encoder queue a 503 with Retry-After before fusion is asked for anything.
+
+The decorators are bare: replicas, CPUs/GPUs, autoscaling, queue limits and batch sizes (user_config) come
+from serve/*.yaml. Every batched deployment counts its batch sizes (`batch_stats`, also in /v1/metadata).
+"""
+
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+import mmfusion
+from mmfusion.serving.batching import BatchConfig, BatchStats
+from mmfusion.serving.schemas import (
+    ErrorResponse,
+    FormPart,
+    Health,
+    Metadata,
+    Prediction,
+    PredictJSON,
+    RequestError,
+    ServeArgs,
+    check_api_key,
+    check_length,
+    check_modalities,
+    content_kind,
+    inputs_from_parts,
+    parse_json_body,
+)
+
+log = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 5.0  # /healthz fails when a backend deployment does not answer a ping in this time
+
+
+def _load_model(artifact: str, device: str, torch_threads: int | None) -> tuple[Any, Any]:
+    """(Artifact, torch.device) in a model replica; torch is imported here, never in the ingress.
+
+    device="auto" means cuda only when Serve gave this replica a GPU (ray_actor_options.num_gpus): a CPU
+    replica on a GPU node must not take GPU memory nobody reserved for it.
+    """
+    import ray
+    import torch
+
+    from mmfusion.artifact import load_artifact
+    from mmfusion.serving.artifacts import localize
+    from mmfusion.serving.engine import resolve_device
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    if device == "auto":
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+    return load_artifact(localize(artifact)), resolve_device(device)
+
+
+# -------------------------------------------------------------------------------------- model replicas
+
+
+@serve.deployment
+class Encoder:
+    """One modality's preprocessing + encoder; bound once per modality as ImageEncoder/TextEncoder/AudioEncoder."""
+
+    def __init__(self, artifact: str, modality: str, device: str = "auto", torch_threads: int | None = None) -> None:
+        from mmfusion.serving.engine import EncoderRunner, keep_encoder
+
+        art, dev = _load_model(artifact, device, torch_threads)
+        self.runner = EncoderRunner(keep_encoder(art.model, modality), art.cfg.data, modality, dev)
+        self.runner.probe()  # fail at start, not on the first request
+        self.stats = BatchStats()
+        log.info("%s encoder ready on %s", modality, dev)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        cfg = BatchConfig.model_validate(user_config or {})
+        self.encode.set_max_batch_size(cfg.max_batch_size)
+        self.encode.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def encode(self, values: list[bytes | str]) -> list[Any]:  # -> list[engine.Encoded]
+        self.stats.add(len(values))
+        return await asyncio.to_thread(self.runner, values)  # the event loop keeps queueing the next batch
+
+    def batch_stats(self) -> dict[str, Any]:
+        return self.stats.as_dict()
+
+    def ping(self) -> bool:
+        return True
+
+    def check_health(self) -> None:
+        self.runner.probe()
+
+
+@serve.deployment
+class Fusion:
+    """Fusion operator + classifier head over per-modality embeddings -> class probabilities."""
+
+    def __init__(self, artifact: str, device: str = "auto", torch_threads: int | None = None) -> None:
+        from mmfusion.serving.engine import FusionRunner, keep_fusion
+
+        art, dev = _load_model(artifact, device, torch_threads)
+        self.runner = FusionRunner(keep_fusion(art.model), dev)
+        self.runner.probe()
+        self.stats = BatchStats()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        cfg = BatchConfig.model_validate(user_config or {})
+        self.fuse.set_max_batch_size(cfg.max_batch_size)
+        self.fuse.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def fuse(self, items: list[dict[str, Any]]) -> list[Any]:  # {modality: (D,)} -> (K,) probabilities
+        self.stats.add(len(items))
+        return await asyncio.to_thread(self.runner, items)
+
+    def batch_stats(self) -> dict[str, Any]:
+        return self.stats.as_dict()
+
+    def ping(self) -> bool:
+        return True
+
+    def check_health(self) -> None:
+        self.runner.probe()
+
+
+@serve.deployment
+class Model:
+    """The `single` topology: preprocessing, every encoder and the fusion in one replica."""
+
+    def __init__(self, artifact: str, device: str = "auto", torch_threads: int | None = None) -> None:
+        from mmfusion.serving.engine import ModelRunner
+
+        art, dev = _load_model(artifact, device, torch_threads)
+        self.runner = ModelRunner(art.model, art.cfg.data, dev)
+        self.runner.probe()
+        self.stats = BatchStats()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        cfg = BatchConfig.model_validate(user_config or {})
+        self.predict.set_max_batch_size(cfg.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def predict(self, items: list[dict[str, bytes | str]]) -> list[Any]:  # -> list[engine.Predicted]
+        self.stats.add(len(items))
+        return await asyncio.to_thread(self.runner, items)
+
+    def batch_stats(self) -> dict[str, Any]:
+        return self.stats.as_dict()
+
+    def ping(self) -> bool:
+        return True
+
+    def check_health(self) -> None:
+        self.runner.probe()
+
+
+# --------------------------------------------------------------------------------------------- ingress
+
+api = FastAPI(
+    title="mmfusion",
+    version=mmfusion.__version__,
+    description="Multimodal (image + text + audio) fusion classifier. POST any non-empty subset of the model's "
+                "modalities to /v1/predict, as multipart/form-data files or as JSON with base64 media.",
+)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": desc} for code, desc in {
+        400: "undecodable input (corrupt image, not audio, invalid base64, not UTF-8, empty body)",
+        401: "missing or wrong API key", 413: "request body above max_request_bytes",
+        415: "Content-Type is neither application/json nor multipart/form-data",
+        422: "unknown field, no modality, a modality the model lacks, a silent clip",
+        503: "overloaded (a queue is full): retry after the Retry-After header's seconds"}.items()}
+_MULTIPART_SCHEMA = {"type": "object", "properties": {
+    "image": {"type": "string", "format": "binary", "description": "encoded image file"},
+    "audio": {"type": "string", "format": "binary", "description": "encoded audio file"},
+    "text": {"type": "string"}}}
+_PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+    "application/json": {"schema": PredictJSON.model_json_schema()}}}}
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse(exc.payload(), status_code=exc.status, headers=exc.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    field = {404: "path", 405: "method"}.get(exc.status_code, "request")
+    return JSONResponse(RequestError(exc.status_code, field, str(exc.detail)).payload(), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": ["request"], "msg": "invalid request"}
+    field = ".".join(str(x) for x in first.get("loc", ["request"])[1:]) or "request"
+    return JSONResponse(RequestError(422, field, str(first.get("msg"))).payload(), status_code=422)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes (413 above it, also when the client sends no Content-Length)."""
+    check_length(request.headers.get("content-length"), limit)
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise RequestError(413, "body", f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _multipart_parts(request: Request, body: bytes, limit: int) -> list[FormPart]:
+    async def replay():  # the body was already read (and size-checked) above
+        yield body
+
+    parser = MultiPartParser(request.headers, replay(), max_files=8, max_fields=8, max_part_size=limit)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise RequestError(400, "body", f"malformed multipart body ({e.message})") from None
+    except Exception as e:  # python-multipart's own parse errors
+        raise RequestError(400, "body", f"malformed multipart body ({type(e).__name__}: {e})") from None
+    parts = []
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                parts.append(FormPart(name, await value.read(), True))
+            else:
+                parts.append(FormPart(name, value, False))
+    finally:
+        await form.close()
+    return parts
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """HTTP front: validation, API key, fan-out to the encoders (split) or the whole model (single)."""
+
+    def __init__(self, args: ServeArgs, encoders: dict[str, DeploymentHandle] | None = None,
+                 fusion: DeploymentHandle | None = None, model: DeploymentHandle | None = None) -> None:
+        from mmfusion.serving.artifacts import read_info
+
+        self.args = ServeArgs.model_validate(args)
+        self.info = read_info(self.args.artifact)
+        self.api_key = self.args.resolve_api_key()
+        self.encoders = encoders or {}
+        self.fusion = fusion
+        self.model = model
+        if self.args.topology == "split" and (set(self.encoders) != set(self.info.modalities) or fusion is None):
+            raise ValueError(f"split topology needs encoders for {self.info.modalities} and a fusion deployment")
+        if self.args.topology == "single" and model is None:
+            raise ValueError("single topology needs the Model deployment")
+        self.backends: dict[str, DeploymentHandle] = (
+            {**{f"{m}_encoder": h for m, h in self.encoders.items()}, "fusion": fusion}  # type: ignore[dict-item]
+            if self.args.topology == "split" else {"model": model})  # type: ignore[dict-item]
+        log.info("ingress for %s (%s, %s): auth %s", self.info.path.name, self.args.topology,
+                 ", ".join(self.info.modalities), "on" if self.api_key else "off")
+
+    def _overloaded(self, what: str) -> RequestError:
+        return RequestError(503, "server", f"overloaded ({what}); retry later",
+                            headers={"Retry-After": str(self.args.retry_after_s)})
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except BackPressureError as e:
+            raise self._overloaded("a model queue is full") from e
+        except DeploymentUnavailableError as e:
+            raise self._overloaded("a model deployment is unavailable") from e
+
+    @api.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
+    async def healthz(self) -> JSONResponse:
+        """200 when every backend deployment answers a ping (no API key needed: for load balancers)."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(h.ping.remote() for h in self.backends.values())),
+                                   timeout=HEALTH_TIMEOUT_S)
+        except Exception as e:  # a timeout, a dead replica, a full queue: not healthy, whatever the cause
+            raise RequestError(503, "server", f"a backend deployment did not answer: {type(e).__name__}",
+                               headers={"Retry-After": str(self.args.retry_after_s)}) from None
+        return JSONResponse(Health(status="ok", topology=self.args.topology).model_dump())
+
+    @api.get("/v1/metadata", response_model=Metadata, responses={401: _ERRORS[401]})
+    async def metadata(self, request: Request) -> JSONResponse:
+        """Labels, modalities, input limits, recorded accuracy, and each batched deployment's batch sizes."""
+        check_api_key(self.api_key, request.headers.get("authorization"), request.headers.get("x-api-key"))
+        names = list(self.backends)
+        stats = await self._call(asyncio.gather(*(self.backends[n].batch_stats.remote() for n in names)))
+        cfg = self.info.cfg
+        meta = Metadata(
+            name=self.info.path.name, topology=self.args.topology, labels=self.info.labels,
+            modalities=self.info.modalities,
+            encoders={m: getattr(cfg.model.encoders, m).name for m in self.info.modalities},
+            fusion=cfg.model.fusion.name, inputs=self.info.input_limits(),
+            max_request_bytes=self.args.max_request_bytes, metrics=self.info.evaluation(),
+            batching=dict(zip(names, stats, strict=True)))
+        return JSONResponse(meta.model_dump())
+
+    @api.post("/v1/predict", response_model=Prediction, responses=_ERRORS, openapi_extra=_PREDICT_BODY)
+    async def predict(self, request: Request) -> JSONResponse:
+        """Classify one example from any non-empty subset of the model's modalities."""
+        check_api_key(self.api_key, request.headers.get("authorization"), request.headers.get("x-api-key"))
+        kind = content_kind(request.headers.get("content-type"))
+        limit = self.args.max_request_bytes
+        body = await _read_body(request, limit)
+        if not body:
+            raise RequestError(400, "body", "empty request body: send image, text and/or audio")
+        inputs = parse_json_body(body) if kind == "json" else inputs_from_parts(
+            await _multipart_parts(request, body, limit))
+        used = check_modalities(inputs, self.info.modalities)
+        values = inputs.values()
+        if self.args.topology == "single":
+            out = await self._call(self.model.predict.remote(values))  # type: ignore[union-attr]
+            if out.error is not None:
+                raise RequestError(out.status, out.field, out.error)
+            probs, truncated, warnings = out.probabilities, out.truncated, out.warnings
+        else:
+            encoded = await self._call(asyncio.gather(*(self.encoders[m].encode.remote(values[m]) for m in used)))
+            for m, enc in zip(used, encoded, strict=True):
+                if enc.error is not None:
+                    raise RequestError(enc.status, m, enc.error)
+            truncated = [m for m, enc in zip(used, encoded, strict=True) if enc.warning]
+            warnings = [enc.warning for enc in encoded if enc.warning]
+            probs = await self._call(self.fusion.fuse.remote(  # type: ignore[union-attr]
+                {m: enc.embedding for m, enc in zip(used, encoded, strict=True)}))
+        idx = int(probs.argmax())
+        labels = self.info.labels
+        pred = Prediction(label=labels[idx], index=idx,
+                          probabilities={lab: float(p) for lab, p in zip(labels, probs, strict=True)},
+                          modalities=used, truncated=truncated, warnings=warnings)
+        return JSONResponse(pred.model_dump())
