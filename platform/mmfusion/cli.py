@@ -70,6 +70,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from mmfusion.serving.deploy import run_server
+
+    run_server(args.config, args.artifact, host=args.host, port=args.port, topology=args.topology,
+               api_key_env=args.api_key_env, address=args.address, timeout_s=args.timeout)
+    return 0
+
+
+def _request(args: argparse.Namespace) -> int:
+    import json
+
+    from mmfusion.serving import client
+
+    api_key = args.api_key or os.environ.get("MMFUSION_API_KEY")
+    c = client.Client(args.url, api_key)
+    if args.wait:
+        c.wait_healthy(args.wait)
+    if args.health:
+        if not c.healthy():
+            raise MmfusionError(f"{c.base}/healthz is not answering 200")
+        sys.stdout.write("ok\n")
+        return 0
+    if args.data:
+        ev = client.evaluate_over_http(args.url, args.data, split=args.split, modalities=args.modalities,
+                                       concurrency=args.concurrency, api_key=api_key, limit=args.limit)
+        sys.stdout.write(ev.text(f"{args.data} [{args.split}]", args.concurrency) + "\n")
+        return 0
+    out = client.predict_files(args.url, image=args.image, audio=args.audio, text=args.text, api_key=api_key,
+                               as_json=args.json)
+    sys.stdout.write(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
 def _tune(args: argparse.Namespace) -> int:
     from mmfusion.config import apply_overrides, read_yaml, validate_config
     from mmfusion.tune.runner import run_tune
@@ -167,6 +200,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--modalities", nargs="+", choices=["image", "text", "audio"],
                    help="hide the other modalities (robustness to a missing modality)")
     e.add_argument("--address", help="Ray cluster address for large inputs (default: local, no Ray for small)")
+
+    sv = cmd(sub, "serve", _serve, "serve an artifact over HTTP with Ray Serve until interrupted (Ctrl-C)")
+    sv.add_argument("artifact", help="artifact folder written by `mmfusion train` (or an s3://, gs:// URI)")
+    sv.add_argument("--config", default="serve/local.yaml", help="Serve config file (default: serve/local.yaml)")
+    sv.add_argument("--host", help="bind address (default: the config's http_options.host)")
+    sv.add_argument("--port", type=int, help="port (default: the config's http_options.port)")
+    sv.add_argument("--topology", choices=["split", "single"], help="override the config's args.topology")
+    sv.add_argument("--api-key-env", help="require the API key held in this environment variable")
+    sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the deployment (default 300)")
+
+    rq = cmd(sub, "request", _request, "send one prediction request to a served model, or a whole dataset split "
+             "(prints the accuracy measured through HTTP)")
+    rq.add_argument("url", help="server URL, e.g. http://127.0.0.1:8000")
+    rq.add_argument("--image", help="image file to send")
+    rq.add_argument("--audio", help="audio file to send")
+    rq.add_argument("--text", help="text to send")
+    rq.add_argument("--json", action="store_true", help="send JSON with base64 media instead of multipart")
+    rq.add_argument("--data", help="send every record of a dataset split instead (dataset folder or manifest)")
+    rq.add_argument("--split", default="test", help="split for --data (default: test)")
+    rq.add_argument("--modalities", nargs="+", choices=["image", "text", "audio"],
+                    help="with --data: send only these modalities")
+    rq.add_argument("--concurrency", type=int, default=8, help="requests in flight with --data (default: 8)")
+    rq.add_argument("--limit", type=int, help="with --data: at most this many records")
+    rq.add_argument("--api-key", help="API key (default: the MMFUSION_API_KEY environment variable)")
+    rq.add_argument("--wait", type=float, default=0.0, help="first wait up to this many seconds for /healthz")
+    rq.add_argument("--health", action="store_true", help="only check /healthz (exit status 0 when healthy)")
 
     address_help = ("Ray Jobs API (dashboard) URL, e.g. http://127.0.0.1:8265 (default: RAY_API_SERVER_ADDRESS, "
                     "else an http RAY_ADDRESS, else http://127.0.0.1:8265)")
