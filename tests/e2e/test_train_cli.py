@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.helpers import ckpts as _ckpts
 from tests.helpers import write_tiny_yaml
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +31,8 @@ def test_driver_killed_then_same_command_resumes(avt_tiny, tmp_path):
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # own process group: the kill takes its local Ray with it
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and len(_ckpts(run_dir)) < 1:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # written once the controller registered a checkpoint
+    while time.time() < deadline and proc.poll() is None and not snapshot.exists():
         time.sleep(0.2)
     assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)

@@ -60,9 +60,11 @@ def test_two_worker_training_writes_an_artifact_that_reloads_identically(ray_loc
 
 
 def _worker_pids() -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    # name the cluster explicitly: other local clusters (another test's, a user's) may be running
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return [a.pid for a in actors if a.pid]
 
 
@@ -76,9 +78,10 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, avt_tiny, tm
     t.start()
     run_dir = tmp_path / "runs" / "killme"
     deadline = time.time() + 300
-    while time.time() < deadline and not _ckpts(run_dir):
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # written once the controller registered a checkpoint
+    while time.time() < deadline and not snapshot.exists():
         time.sleep(0.2)
-    assert _ckpts(run_dir), "no checkpoint appeared"
+    assert snapshot.exists(), "no checkpoint was registered"
     pids = _worker_pids()
     assert pids
     os.kill(pids[0], signal.SIGKILL)
