@@ -3,12 +3,14 @@
     python -m mmfusion.deploy            # from the repository root: regenerate the RayService's serveConfigV2
     python -m mmfusion.deploy --check    # exit 1 if it is out of date, 2 if cluster.yaml is invalid (CI)
 
-The RayService's serveConfigV2 is generated from serve/production.yaml.
-Only the `serveConfigV2: |` block is rewritten; the rest of the manifest (cluster shape, auth, comments) is
-hand-written. The Serve config is validated with Ray Serve's own schema first (a local working_dir, an
-unknown top-level key, duplicate application names all fail here rather than in the cluster). On Kubernetes
-the Serve proxy must listen on all interfaces at port 8000, where KubeRay's serve Service points; who may
-reach it is decided by that Service / Ingress and the application's API key, not by the bind address.
+The RayService's serveConfigV2 is generated from serve/production.yaml: only the `serveConfigV2: |` block is
+rewritten; the rest of the manifest (cluster shape, auth, comments) is hand-written. The Serve config is
+validated first, as `mmfusion serve` validates it (a local working_dir, a misspelled key, a batch larger than
+max_ongoing_requests all fail here rather than in the cluster). On Kubernetes the Serve proxy must listen on
+all interfaces at port 8000, where KubeRay's serve Service points; who may reach it is decided by that
+Service / Ingress and the application's API key, not by the bind address.
+
+cluster.yaml is checked with Ray's own cluster-launcher validator plus what that validator lets pass.
 """
 
 from __future__ import annotations
@@ -71,21 +73,18 @@ def validate_cluster_config(config: dict[str, Any], source: str = str(CLUSTER_YA
 
 
 def serve_config_v2(serve_config: dict[str, Any], source: str = "<serve config>") -> str:
-    """A validated Serve config (the `serve deploy` schema) as the YAML text KubeRay's serveConfigV2 holds."""
-    from ray.serve.schema import ServeDeploySchema
+    """A validated Serve config as the YAML text KubeRay's serveConfigV2 holds.
+
+    Validation is the serving code's own (mmfusion.serving.deploy.check_serve_config: Serve's schema, every
+    key, the app's args, batch sizes), so what `serve deploy` would refuse never reaches a manifest.
+    """
+    from mmfusion.serving.deploy import check_serve_config
 
     if not isinstance(serve_config, dict) or not serve_config.get("applications"):
         raise ConfigError(f"{source} must be a Serve config with an `applications:` list")
-    config = dict(serve_config)
+    config = copy.deepcopy(serve_config)
     config["http_options"] = {**(config.get("http_options") or {}), **KUBERAY_HTTP}
-    try:
-        ServeDeploySchema.model_validate(config)
-    except Exception as e:  # noqa: BLE001 - pydantic's ValidationError (Ray's compat layer picks the class)
-        raise ConfigError(f"{source} is not a valid Serve config:\n{e}") from None
-    extra = set(config) - set(ServeDeploySchema.model_fields)
-    if extra:  # the schema ignores unknown top-level keys; a misspelled one would silently vanish
-        raise ConfigError(f"{source}: unknown top-level key(s) {sorted(extra)}; "
-                          f"allowed: {sorted(ServeDeploySchema.model_fields)}")
+    check_serve_config(config, source)
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
 
 
@@ -160,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="only check; exit 1 when the manifest is out of date")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.check:
+        import ray  # noqa: F401 - sets up Ray's loggers, so that quieting them sticks
+
+        logging.getLogger("ray").setLevel(logging.WARNING)  # the launcher's validator narrates its defaults
     try:
         if args.check:
             validate_cluster_config(_read_yaml(args.cluster), str(args.cluster))
