@@ -90,3 +90,13 @@ def test_token_auth_on_every_node_and_dashboard_private(cluster):
     assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # the token reaches every node
     head = next(c for c in ray_starts if "--head" in c)
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in " ".join(starts)
+
+
+def test_workers_get_the_serving_api_key_the_serve_config_names(cluster):
+    serve = yaml.safe_load((REPO / "serve" / "production.yaml").read_text())
+    names = {a["args"]["api_key_env"] for a in serve["applications"] if a.get("args", {}).get("api_key_env")}
+    assert names, "serve/production.yaml should protect the HTTP endpoint with an API key"
+    worker_start = next(c for c in cluster["worker_start_ray_commands"] if "ray start" in c)
+    for name in names:  # the key file travels to every node; the worker's Ray (and its replicas) exports it
+        assert f'{name}="$(cat ~/.mmfusion/api_key)"' in worker_start
+    assert cluster["file_mounts"]["~/.mmfusion/api_key"] == "~/.mmfusion/api_key"
