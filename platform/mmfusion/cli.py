@@ -116,7 +116,7 @@ def _tune(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from mmfusion.jobs import submit
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     job = submit(command, address=args.address, working_dir=Path(args.working_dir), wait=not args.no_wait,
                  use_installed=args.use_installed, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     if args.no_wait:
@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the mmfusion installed on the cluster instead of uploading platform/mmfusion")
     s.add_argument("--num-cpus", type=float, help="CPUs reserved for the job's driver (default: 0)")
     s.add_argument("--num-gpus", type=float, help="GPUs reserved for the job's driver (default: 0)")
-    s.add_argument("command", nargs=argparse.REMAINDER, help="-- then the mmfusion subcommand and its arguments")
+    s.add_argument("job_command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                   help="-- then the mmfusion subcommand and its arguments")
 
     jobs = sub.add_parser("jobs", help="list, inspect, follow and stop Ray Jobs").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")

@@ -87,6 +87,8 @@ def test_token_auth_on_every_node_and_dashboard_private(cluster):
     starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
     ray_starts = [c for c in starts if "ray start" in c]
     assert len(ray_starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in ray_starts)
+    # every shell on a node (job drivers, `ray attach`, `serve deploy` on the head) talks token auth too
+    assert any("echo 'export RAY_AUTH_MODE=token' >> ~/.bashrc" in c for c in cluster["setup_commands"])
     assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # the token reaches every node
     head = next(c for c in ray_starts if "--head" in c)
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in " ".join(starts)

@@ -88,7 +88,7 @@ def test_cli_keeps_everything_after_the_double_dash():
     args = build_parser().parse_args(["submit", "--address", "http://h:8265", "--no-wait", "--", "train", "c.yaml",
                                       "--address", "ray://x:10001"])
     assert args.address == "http://h:8265" and args.no_wait
-    assert args.command == ["--", "train", "c.yaml", "--address", "ray://x:10001"]
+    assert args.job_command == ["--", "train", "c.yaml", "--address", "ray://x:10001"]
 
 
 def test_an_unreachable_cluster_is_a_clear_error(monkeypatch):
