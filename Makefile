@@ -50,11 +50,23 @@ $(DATA)/data_card.json: | venv sysdeps
 
 ARTIFACT ?= artifacts/avt_digits
 
-# build AVT-Digits, show it, train (resumes/reuses a finished run of the same config), evaluate on test
+# build AVT-Digits, show it, train (resumes/reuses a finished run of the same config), evaluate on test, then
+# serve the artifact with Ray Serve in the background (port: SERVE_PORT, default 8000), wait for /healthz, send
+# the test split over HTTP, print the accuracy measured through HTTP, and stop the server (also on failure)
 demo: venv sysdeps $(DATA)/data_card.json
 	$(MMF) data inspect $(DATA)
 	$(MMF) train jobs/configs/avt_digits.yaml data.path=$(DATA) train.artifact_dir=$(ARTIFACT)
 	$(MMF) evaluate $(ARTIFACT) --data $(DATA) --split test
+	@port=$${SERVE_PORT:-8000}; url=http://127.0.0.1:$$port; mkdir -p runs; log=runs/serve_demo.log; \
+	echo "serving $(ARTIFACT) at $$url (server log: $$log)"; \
+	$(MMF) serve $(ARTIFACT) --config serve/local.yaml --port $$port >$$log 2>&1 & pid=$$!; \
+	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid 2>/dev/null' EXIT; \
+	for i in $$(seq 150); do \
+	  kill -0 $$pid 2>/dev/null || { tail -n 30 $$log; echo "mmfusion serve exited early"; exit 1; }; \
+	  $(MMF) request $$url --health >/dev/null 2>&1 && break; sleep 2; \
+	done; \
+	$(MMF) request $$url --health >/dev/null || { tail -n 30 $$log; echo "no healthy server after 300 s"; exit 1; }; \
+	$(MMF) request $$url --data $(DATA) --split test
 
 bench-fusion: venv sysdeps $(DATA)/data_card.json
 	$(PY) bench/fusion_vs_single.py --data $(DATA)
