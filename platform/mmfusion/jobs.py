@@ -159,9 +159,20 @@ def connect(address: str | None = None) -> tuple[JobSubmissionClient, str, Token
     token = find_token()
     _quiet_ray_client_logs()
     headers = {"Authorization": f"Bearer {token.value}"} if token else None
+    if token and _in_clear(url):
+        log.warning("sending the Ray token to %s over plain HTTP: anyone on the path can read it; use the SSH "
+                    "tunnel of `ray dashboard cluster.yaml` (http://127.0.0.1:8265) or https", url)
     with _only_address(url), _api_errors(url, token):
         client = JobSubmissionClient(url, headers=headers)
     return client, url, token
+
+
+def _in_clear(url: str) -> bool:
+    """Plain HTTP to another machine (a tunnel or loopback address is fine)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    return parsed.scheme == "http" and parsed.hostname not in ("127.0.0.1", "localhost", "::1")
 
 
 def _quiet_ray_client_logs() -> None:

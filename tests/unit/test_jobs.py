@@ -13,6 +13,7 @@ from mmfusion.errors import MmfusionError
 from mmfusion.jobs import (
     DEFAULT_ADDRESS,
     ClusterError,
+    _in_clear,
     build_entrypoint,
     build_runtime_env,
     connect,
@@ -52,6 +53,12 @@ def test_address_resolution():
     # inside a Ray job RAY_ADDRESS is the GCS address, not the Jobs API
     assert resolve_address(None, {"RAY_ADDRESS": "10.0.0.1:6379"}) == DEFAULT_ADDRESS
     assert resolve_address(None, {}) == DEFAULT_ADDRESS
+
+
+def test_a_token_over_plain_http_to_another_host_is_flagged():
+    assert _in_clear("http://10.0.0.5:8265") and _in_clear("http://head.example.com:8265")
+    assert not _in_clear("http://127.0.0.1:8265") and not _in_clear("http://localhost:8265")
+    assert not _in_clear("https://head.example.com")
 
 
 def test_entrypoint_is_a_quoted_mmfusion_command():
