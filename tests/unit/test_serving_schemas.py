@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 
 import pytest
 from pydantic import ValidationError
@@ -169,3 +171,11 @@ def test_batch_config_and_stats():
         s.add(n)
     assert s.as_dict() == {"batches": 4, "rows": 12, "max_batch": 4, "mean_batch": 3.0,
                            "histogram": {"1": 1, "3": 1, "4": 2}}
+
+
+def test_the_ingress_side_never_imports_torch():
+    """The ingress replica imports these (and unpickles messages.* from the model replicas): no torch there."""
+    code = ("import sys, mmfusion.serving.deployments, mmfusion.serving.messages, mmfusion.serving.app, "
+            "mmfusion.serving.client; assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -98,7 +98,7 @@ class Encoder:
         self.encode.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def encode(self, values: list[bytes | str]) -> list[Any]:  # -> list[engine.Encoded]
+    async def encode(self, values: list[bytes | str]) -> list[Any]:  # -> list[messages.Encoded]
         self.stats.add(len(values))
         return await asyncio.to_thread(self.runner, values)  # the event loop keeps queueing the next batch
 
@@ -162,7 +162,7 @@ class Model:
         self.predict.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def predict(self, items: list[dict[str, bytes | str]]) -> list[Any]:  # -> list[engine.Predicted]
+    async def predict(self, items: list[dict[str, bytes | str]]) -> list[Any]:  # -> list[messages.Predicted]
         self.stats.add(len(items))
         return await asyncio.to_thread(self.runner, items)
 
@@ -334,7 +334,7 @@ class Ingress:
         if self.args.topology == "single":
             out = await self._call(self.model.predict.remote(values))  # type: ignore[union-attr]
             if out.error is not None:
-                raise RequestError(out.status, out.field, out.error)
+                raise RequestError(out.status, out.modality, out.error)
             probs, truncated, warnings = out.probabilities, out.truncated, out.warnings
         else:
             encoded = await self._call(asyncio.gather(*(self.encoders[m].encode.remote(values[m]) for m in used)))

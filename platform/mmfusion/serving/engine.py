@@ -16,8 +16,6 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from dataclasses import field as dataclass_field
 
 import numpy as np
 import torch
@@ -33,12 +31,13 @@ from mmfusion.data.preprocess import (
 )
 from mmfusion.errors import ConfigError
 from mmfusion.models.model import INPUT_KEYS, FusionModel
+from mmfusion.serving.messages import Encoded, Predicted
 
 log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when this process sees a GPU (Serve sets CUDA_VISIBLE_DEVICES from num_gpus), else cpu."""
+    """The torch device for "auto" (cuda when this process sees a GPU, else cpu), "cpu" or "cuda"."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -63,28 +62,6 @@ def keep_fusion(model: FusionModel) -> FusionModel:
     for m in list(model.encoders):
         del model.encoders[m]
     return model
-
-
-@dataclass
-class Encoded:
-    """One row's encoder output: an embedding, or why the input could not be used."""
-
-    embedding: np.ndarray | None = None  # float32 (D,)
-    error: str | None = None  # e.g. "not a recognised image format"
-    status: int = 400  # 400: undecodable bytes; 422: decodable but unusable (a silent clip)
-    warning: str | None = None  # the input was cut to the model's limits (truncation is not an error)
-
-
-@dataclass
-class Predicted:
-    """One row's prediction, or the first input error (field = the modality at fault)."""
-
-    probabilities: np.ndarray | None = None  # float32 (K,)
-    error: str | None = None
-    field: str | None = None
-    status: int = 400
-    truncated: list[str] = dataclass_field(default_factory=list)
-    warnings: list[str] = dataclass_field(default_factory=list)
 
 
 class EncoderRunner:
@@ -234,7 +211,7 @@ class ModelRunner:
             for i, enc in zip(rows, runner([items[i][m] for i in rows]), strict=True):
                 if enc.error is not None:
                     if out[i].error is None:
-                        out[i].error, out[i].field, out[i].status = enc.error, m, enc.status
+                        out[i].error, out[i].modality, out[i].status = enc.error, m, enc.status
                     continue
                 feats[i][m] = enc.embedding  # type: ignore[assignment]
                 if enc.warning:
