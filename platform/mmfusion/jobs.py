@@ -144,6 +144,8 @@ def _api_errors(address: str, token: Token | None, job_id: str | None = None) ->
     except ConnectionError as e:
         raise ClusterError(f"cannot reach the Ray Jobs API at {address} ({e}); is the cluster up and its "
                            f"dashboard port forwarded (`ray dashboard cluster.yaml`)?") from None
+    except ValueError as e:  # e.g. the working dir's package is over Ray's 512 MiB upload limit
+        raise ClusterError(f"the Ray Jobs API at {address} refused the request: {e}") from None
     except RuntimeError as e:
         text = str(e)
         if job_id and ("404" in text or "does not exist" in text):
