@@ -16,6 +16,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access in tests: HF model
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and tests never fight each other (or Ray) for the 2 cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

@@ -109,7 +109,8 @@ def load_artifact(path: str | Path, device: str = "cpu") -> Artifact:
         raise ArtifactError(f"{p / CONFIG}: {e}") from None
     labels = json.loads((p / LABELS).read_text())
     spec = input_spec(cfg.data)
-    model = build_model(cfg.model, spec, num_classes=len(labels))
+    # load_weights=False: no pretrained download or file read, the artifact's weights replace them anyway
+    model = build_model(cfg.model, spec, num_classes=len(labels), load_weights=False)
     try:
         state = load_file(str(p / WEIGHTS), device=device)
     except Exception as e:  # safetensors raises its own error types for corrupt files
