@@ -167,6 +167,10 @@ BAD = {  # name: (request kwargs, status, field, words in the message)
     "empty body": (dict(data=b"", headers={"Content-Type": "application/json"}), 400, "body", "empty"),
     "malformed JSON": (dict(data=b'{"text": "one"', headers={"Content-Type": "application/json"}), 400, "body",
                        "not valid JSON"),
+    "malformed multipart": (dict(data=b"--xyz\r\nnot a part header\r\n\r\n--xyz", headers={
+        "Content-Type": "multipart/form-data; boundary=xyz"}), 400, "body", "multipart"),
+    "multipart without a boundary": (dict(data=b"x", headers={"Content-Type": "multipart/form-data"}), 400,
+                                     "content-type", "boundary"),
     "no modality at all": (dict(json={}), 422, "body", "no modality"),
     "only an empty text": (dict(json={"text": ""}), 422, "body", "no modality"),
     "unknown JSON field": (dict(json={"text": "one", "label": "1"}), 422, "label", "unknown field"),

@@ -98,6 +98,7 @@ def test_base64_variants():
     (b'{"image": "not base64!"}', 400, "image", "invalid base64"),
     (b'{"audio": "abc"}', 400, "audio", "invalid base64"),  # bad padding
     (b'{"audio": ["AAAA"]}', 422, "audio", "got array"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "body", "nested too deeply"),
 ])
 def test_json_body_errors_name_the_field(body, status, field, needle):
     err = raises(status, field, parse_json_body, body)

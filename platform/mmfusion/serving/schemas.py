@@ -187,6 +187,8 @@ def parse_json_body(body: bytes) -> Inputs:
                                         f"{e.start})") from None
     except json.JSONDecodeError as e:
         raise RequestError(400, "body", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise RequestError(400, "body", "JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise RequestError(422, "body", f"expected a JSON object with image, text and/or audio, got {_type_name(obj)}")
     for k in obj:
