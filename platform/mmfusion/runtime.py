@@ -10,11 +10,13 @@ from mmfusion.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, *, dashboard: bool = False, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, *, dashboard: bool = True, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start an embedded local cluster.
 
     The embedded cluster declares at least 4 logical CPUs: Ray Data, the Train controller and workers then
-    never wait on each other on a 2-core laptop (threads still share the real cores).
+    never wait on each other on a 2-core laptop (threads still share the real cores). It runs the dashboard:
+    Ray Train's placement-group cleaner polls the State API, and without it the cleaner decides the controller
+    is gone after a minute or so and removes the running workers' placement group.
     """
     import ray
 

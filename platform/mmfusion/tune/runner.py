@@ -91,7 +91,7 @@ def run_tune(cfg: ExperimentConfig, raw: dict[str, Any], address: str | None = N
     storage = _absolute(cfg.train.storage_path)
     exp_path = f"{storage.rstrip('/')}/{name}"
 
-    init_ray(address, dashboard=True)  # Train's placement-group cleaner under ASHA needs the State API
+    init_ray(address)
     check_fits(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu,
                strict=not (address or _env_address()))
     bundle = build_datasets(cfg.data, splits=("train", "val"), seed=cfg.seed)
