@@ -54,17 +54,21 @@ def hide_modalities(batch: dict[str, torch.Tensor], modalities: tuple[str, ...],
 
 
 @torch.no_grad()
-def _predict_batches(art: Artifact, batches, keep: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
-    probs, labels = [], []
+def _predict_batches(art: Artifact, batches, keep: list[str] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """-> probs (N, K), labels (N,), and which of the incoming rows were predicted (rows with every
+    modality hidden are skipped)."""
+    probs, labels, kept = [], [], []
     for batch in batches:
         batch = hide_modalities(batch, art.spec.modalities, keep)
         keep_rows = batch["present"].any(dim=1)  # a row with every modality hidden has nothing to predict from
+        kept.append(keep_rows.numpy())
         logits = art.model({k: v[keep_rows] for k, v in batch.items()}).float()
         probs.append(torch.softmax(logits, dim=-1).numpy())
         labels.append(batch["label"][keep_rows].numpy())
     k = len(art.labels)
     return (np.concatenate(probs) if probs else np.zeros((0, k), np.float32),
-            np.concatenate(labels) if labels else np.zeros(0, np.int64))
+            np.concatenate(labels) if labels else np.zeros(0, np.int64),
+            np.concatenate(kept) if kept else np.zeros(0, bool))
 
 
 def predict_split(art: Artifact, data: str, split: str, modalities: list[str] | None = None) -> Predictions:
@@ -91,8 +95,8 @@ def predict_split(art: Artifact, data: str, split: str, modalities: list[str] | 
                     ids.extend(str(x) for x in out["id"][good])
                     yield collate({k: v[good] for k, v in out.items() if k in MMCollate.DTYPES})
 
-    probs, labels = _predict_batches(art, batches(), modalities)
-    return Predictions(probs, labels, ids, rejected)
+    probs, labels, kept = _predict_batches(art, batches(), modalities)
+    return Predictions(probs, labels, [i for i, k in zip(ids, kept, strict=True) if k], rejected)
 
 
 def predict_split_ray(art: Artifact, data: str, split: str, modalities: list[str] | None = None,
@@ -105,7 +109,7 @@ def predict_split_ray(art: Artifact, data: str, split: str, modalities: list[str
     data_cfg = art.cfg.data.model_copy(update={"path": data, "max_bad_fraction": 1.0})
     bundle = build_datasets(data_cfg, splits=(split,), seed=art.cfg.seed, labels=art.labels)
     ds = getattr(bundle, split)
-    probs, labels = _predict_batches(art, iter_torch_batches(ds, BATCH, art.spec, device="cpu"), modalities)
+    probs, labels, _ = _predict_batches(art, iter_torch_batches(ds, BATCH, art.spec, device="cpu"), modalities)
     rejected = [{"reason": f"{bundle.num_rejected} rows rejected, see {bundle.rejects_path}"}] \
         if bundle.num_rejected else []
     return Predictions(probs, labels, [], rejected)
@@ -135,7 +139,7 @@ def evaluate_dataset(art: Artifact, ds: Any, split: str) -> Evaluation:
     """Evaluate on an already preprocessed Ray Dataset (the val split at the end of training)."""
     from mmfusion.data.pipeline import iter_torch_batches
 
-    probs, labels = _predict_batches(art, iter_torch_batches(ds, BATCH, art.spec, device="cpu"), None)
+    probs, labels, _ = _predict_batches(art, iter_torch_batches(ds, BATCH, art.spec, device="cpu"), None)
     return write_report(art, Predictions(probs, labels, []), split, split, None)
 
 
