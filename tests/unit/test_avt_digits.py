@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,16 @@ def test_unrelated_non_empty_out_is_refused_and_left_alone(tmp_path: Path):
         build_avt_digits(tmp_path / "file", variant="tiny")
 
 
+def test_temp_folders_of_killed_builds_are_removed(tmp_path: Path):
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
+    names = [f".out.building-{dead}", f".out.old-{dead}", f".out.building-{os.getpid()}", ".other.building-1",
+             f".out.building-{dead}x"]
+    for n in names:
+        (tmp_path / n).mkdir()
+    avt_digits._remove_stale_temp(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])  # a live build and others: kept
+
+
 @pytest.mark.parametrize("variant, seed, match", [("huge", 0, "unknown AVT-Digits variant"),
                                                   ("tiny", -1, "non-negative integer"),
                                                   ("tiny", "3", "non-negative integer")])
@@ -228,6 +239,34 @@ def test_a_failed_build_leaves_no_half_dataset(avt_tiny: Path, tmp_path: Path, m
         build_avt_digits(out, variant="tiny", seed=5)
     assert _digests(out) == _digests(avt_tiny)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prev"]
+
+
+def test_large_layout_writes_augmented_shards_in_parallel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The large variant's code path at a tiny size: shards, two worker processes, augmentation, provenance."""
+    shrunk = avt_digits.Variant(rows={"train": 700, "val": 60, "test": 1100}, voice_settings=4, sharded=True,
+                                augment=True)
+    monkeypatch.setitem(avt_digits.VARIANTS, "large", shrunk)
+    monkeypatch.setattr(avt_digits, "SHARD_ROWS", 300)
+    out = build_avt_digits(tmp_path / "big", variant="large", seed=3)
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/part-*.parquet")) == [
+        "test/part-00000.parquet", "test/part-00001.parquet", "test/part-00002.parquet", "test/part-00003.parquet",
+        "train/part-00000.parquet", "train/part-00001.parquet", "train/part-00002.parquet", "val/part-00000.parquet"]
+    card = _card(out)
+    assert {s: card["splits"][s]["rows"] for s in SPLITS} == shrunk.rows
+    assert set(card["files"]) == {p.relative_to(out).as_posix() for p in out.rglob("*.parquet")}
+    test = pq.read_table(out / "test").to_pydict()
+    assert test["id"] == [f"test-{i:07d}" for i in range(1100)]  # shards concatenate in row order
+    prov = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("_provenance/test-*.parquet"))]).to_pydict()
+    assert prov["id"] == test["id"]
+    index, count = np.unique(prov["mnist_index"], return_counts=True)
+    assert len(index) == 1000 and count.max() == 2  # 1,100 rows from the 1,000 test images: 100 used twice
+    copies: dict[int, list[bytes]] = {}
+    dup = set(index[count == 2].tolist())
+    for png, i in zip(test["image"], prov["mnist_index"], strict=True):
+        if i in dup and png is not None:
+            copies.setdefault(i, []).append(png)
+    pairs = [c for c in copies.values() if len(c) == 2]
+    assert len(pairs) > 50 and all(a != b for a, b in pairs)  # every copy augmented differently
 
 
 # -------------------------------------------------------------------------------------------- helpers

@@ -59,17 +59,17 @@ def degrade(img: np.ndarray, rng: np.random.Generator, strength: float) -> tuple
     for k in kinds:
         name = DEGRADATIONS[k]
         if name == "occlusion":  # a dark or bright patch over part of the digit (a finger, a smudge, a sticker)
-            h = int(round(SIDE * rng.uniform(0.25, 0.35 + 0.3 * strength)))
-            w = int(round(SIDE * rng.uniform(0.25, 0.35 + 0.3 * strength)))
+            h = int(round(SIDE * rng.uniform(0.25, 0.35 + 0.35 * strength)))
+            w = int(round(SIDE * rng.uniform(0.25, 0.35 + 0.35 * strength)))
             top, left = rng.integers(4, SIDE - 4 - h // 2), rng.integers(4, SIDE - 4 - w // 2)
             x[top:top + h, left:left + w] = rng.choice([0.0, rng.uniform(0.5, 1.0)])
         elif name == "noise":  # sensor noise
-            x = x + rng.normal(0.0, 0.15 + 0.45 * strength, size=x.shape)
+            x = x + rng.normal(0.0, 0.15 + 0.6 * strength, size=x.shape)
         elif name == "blur":  # out of focus
-            x = gaussian_filter(x, sigma=0.6 + 1.4 * strength)
+            x = gaussian_filter(x, sigma=0.6 + 1.9 * strength)
         else:  # low contrast: the ink range squeezed towards a grey background
             lo = rng.uniform(0.1, 0.5)
-            x = lo + x * (1.0 - 0.85 * strength) * (1.0 - lo)
+            x = lo + x * (1.0 - 0.92 * strength) * (1.0 - lo)
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8), [DEGRADATIONS[k] for k in kinds]
 
 
