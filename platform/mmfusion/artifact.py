@@ -102,6 +102,10 @@ def load_artifact(path: str | Path, device: str = "cpu") -> Artifact:
     from mmfusion.data.preprocess import input_spec
     from mmfusion.models.model import build_model
 
+    if is_remote(str(path)):  # s3://, gs://: copied once into the node's cache
+        from mmfusion.serving.artifacts import localize
+
+        path = localize(str(path))
     p = check_artifact(path)
     try:
         cfg = validate_config(yaml.safe_load((p / CONFIG).read_text()), source=str(p / CONFIG))
@@ -121,3 +125,37 @@ def load_artifact(path: str | Path, device: str = "cpu") -> Artifact:
         raise ArtifactError(f"{p / WEIGHTS} does not match the model in config.yaml: {e}") from None
     model.to(device).eval()
     return Artifact(p.absolute(), cfg, labels, spec, model, read_metrics(p))
+
+
+def is_remote(location: str) -> bool:
+    """s3://, gs://, ... (file:// and plain paths are local)."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(str(location)).scheme
+    return len(scheme) > 1 and scheme != "file"
+
+
+def staging_dir(location: str) -> Path:
+    """Where to write files bound for `location`: the folder itself when local, else a local cache folder
+    (published with `publish`). Multi-node runs keep their storage on s3:// or gs://."""
+    if not is_remote(location):
+        return Path(str(location).removeprefix("file://")).expanduser().absolute()
+    import hashlib
+
+    key = hashlib.sha256(location.encode()).hexdigest()[:16]
+    return Path.home() / ".cache" / "mmfusion" / "staging" / f"{Path(location.rstrip('/')).name}-{key}"
+
+
+def publish(local: Path, location: str) -> str:
+    """Copy a staged folder to a remote `location` (pyarrow filesystems); a no-op for local locations."""
+    if not is_remote(location):
+        return str(local)
+    import pyarrow.fs as pafs
+
+    from mmfusion.data.records import filesystem
+
+    fs, inner = filesystem(location)
+    fs.create_dir(inner, recursive=True)
+    pafs.copy_files(str(local), inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    log.info("published %s to %s", local, location)
+    return location

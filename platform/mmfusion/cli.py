@@ -57,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
     from mmfusion.train.trainer import run_training
 
     run = run_training(load_config(args.config, args.overrides), address=args.address)
-    sys.stdout.write(f"{run.artifact}\n")
+    sys.stdout.write(f"{run.location or run.artifact}\n")
     return 0
 
 
@@ -109,7 +109,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     raw = apply_overrides(read_yaml(args.config), args.overrides)
     run = run_tune(validate_config(raw, source=args.config), raw, address=args.address)
-    sys.stdout.write(f"{run.table}\n\ntrials: {run.csv}\ncurves: {run.plot}\nbest artifact:\n{run.artifact}\n")
+    sys.stdout.write(f"{run.table}\n\ntrials: {run.csv}\ncurves: {run.plot}\nbest artifact:\n{run.location or run.artifact}\n")
     return 0
 
 

@@ -46,3 +46,18 @@ def test_evaluate_bad_inputs(artifact, avt_tiny, tmp_path):
         (tmp_path / f).write_text((artifact / f).read_text())
     with pytest.raises(ArtifactError, match="cannot be read"):
         load_artifact(tmp_path)
+
+
+def test_remote_artifact_locations_are_staged_then_published(tmp_path, monkeypatch, artifact):
+    import pyarrow.fs as pafs
+
+    import mmfusion.data.records as records
+    from mmfusion.artifact import is_remote, publish, staging_dir
+
+    assert is_remote("s3://b/run/artifact") and not is_remote("file:///x") and not is_remote("runs/a")
+    assert staging_dir("runs/a") == (tmp_path.cwd() / "runs" / "a")
+    bucket = tmp_path / "bucket"
+    monkeypatch.setattr(records, "filesystem", lambda loc: (pafs.LocalFileSystem(),
+                                                            str(bucket / loc.split("://", 1)[1])))
+    assert publish(artifact, "s3://b/run/artifact") == "s3://b/run/artifact"
+    assert (bucket / "b/run/artifact/model.safetensors").read_bytes() == (artifact / "model.safetensors").read_bytes()

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 class TrainRun:
     name: str
     path: Path  # <storage_path>/<name>: Ray Train's run folder (checkpoints)
-    artifact: Path
+    artifact: Path  # a local folder (for remote storage: the staged copy of `location`)
     metrics: dict[str, Any]
+    location: str = ""  # where the artifact lives: a local path or an s3:// / gs:// URI
 
 
 def default_run_name(cfg: ExperimentConfig) -> str:
@@ -85,7 +86,7 @@ def run_training(cfg: ExperimentConfig, address: str | None = None) -> TrainRun:
 
 def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, storage: str) -> TrainRun:
     """Best checkpoint -> artifact folder with metrics, training curves and a val confusion matrix."""
-    from mmfusion.artifact import load_artifact, save_artifact
+    from mmfusion.artifact import is_remote, load_artifact, publish, save_artifact, staging_dir
     from mmfusion.evaluate.plots import plot_training_curves
     from mmfusion.evaluate.report import evaluate_dataset
     from mmfusion.train.checkpoint import load_loop_state, load_model_state
@@ -102,14 +103,17 @@ def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, stora
                "epochs_run": state.epoch + 1, "starts": state.starts, "stopped_early": state.stopped_early,
                "history": state.history, "train_rows": bundle.train_rows, "val_rows": bundle.val_rows,
                "rejected_rows": bundle.num_rejected}
-    out = Path(cfg.train.artifact_dir).absolute() if cfg.train.artifact_dir else Path(storage) / name / "artifact"
+    location = cfg.train.artifact_dir or f"{storage.rstrip('/')}/{name}/artifact"
+    out = staging_dir(location)  # the folder itself, or a local copy published to s3:// / gs:// at the end
     save_artifact(out, weights, cfg, bundle.labels, metrics)
     plot_training_curves(state.history, out / "training_curves.png", title=name)
     val = evaluate_dataset(load_artifact(out), bundle.val, "val")  # confusion matrix of the kept model
     metrics["evaluation"] = {"val": val.report}
-    log.info("artifact written to %s (best %s %.4f at epoch %d)", out, cfg.train.metric,
+    where = publish(out, location)
+    log.info("artifact written to %s (best %s %.4f at epoch %d)", where, cfg.train.metric,
              state.best_metric or float("nan"), state.best_epoch + 1)
-    return TrainRun(name, Path(storage) / name, out, metrics)
+    return TrainRun(name, Path(storage) / name, Path(where) if not is_remote(where) else out, metrics,
+                    location=where)
 
 
 def _best_checkpoint(result: Any, metric: str, mode: str) -> Any:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mmfusion.artifact import is_remote, staging_dir
 from mmfusion.config import ExperimentConfig
 from mmfusion.errors import ConfigError, MmfusionError
 from mmfusion.tune.space import to_ray, trial_config, validate_space
@@ -33,6 +34,7 @@ class TuneRun:
     plot: Path
     table: str
     rows: list[dict[str, Any]]
+    location: str = ""  # the best artifact's location (local path or URI)
 
 
 def experiment_name(cfg: ExperimentConfig) -> str:
@@ -150,20 +152,28 @@ def summarize(grid: Any, cfg: ExperimentConfig, raw: dict[str, Any], bundle: Any
         raise MmfusionError(f"no trial of {name} reported {metric}; see the logs in {exp_path}")
     ok.sort(key=lambda r: r[f"best_{metric}"], reverse=(mode == "max"))
     best = ok[0]
-    out_dir = Path(exp_path)
+    out_dir = staging_dir(exp_path)  # the experiment folder, or a local copy published to s3:// / gs://
     csv_path = _write_csv(rows, out_dir / "trials.csv")
     plot = _plot(rows, metric, out_dir / "trials.png")
 
     train_dir = f"{exp_path}/train/trial-{best['trial_id']}"
     result = ray.train.Result.from_path(train_dir)
     best_cfg = trial_config(raw, {k: best[k] for k in cfg.tune.space})
-    if cfg.tune.artifact_dir:
-        best_cfg.train.artifact_dir = cfg.tune.artifact_dir
-    else:
-        best_cfg.train.artifact_dir = str(out_dir / "best_artifact")
+    best_cfg.train.artifact_dir = cfg.tune.artifact_dir or f"{exp_path}/best_artifact"
     run = export_run(result, best_cfg, bundle, f"trial-{best['trial_id']}", f"{exp_path}/train")
+    if is_remote(exp_path):
+        for f in (csv_path, plot):
+            publish_file(f, f"{exp_path}/{f.name}")
     table = _table(rows, metric, mode, list(cfg.tune.space))
-    return TuneRun(name, out_dir, run.artifact, csv_path, plot, table, rows)
+    return TuneRun(name, out_dir, run.artifact, csv_path, plot, table, rows, location=run.location)
+
+
+def publish_file(local: Path, location: str) -> None:
+    from mmfusion.data.records import filesystem
+
+    fs, inner = filesystem(location)
+    with fs.open_output_stream(inner) as f:
+        f.write(local.read_bytes())
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
