@@ -79,9 +79,36 @@ def _load_model(artifact: str, device: str, torch_threads: int | None) -> tuple[
 # -------------------------------------------------------------------------------------- model replicas
 
 
+class _Replica:
+    """What every model replica shares: batch knobs from user_config (serve/*.yaml), batch-size counters,
+    a ping for readiness and a health check that runs the model on a probe input."""
+
+    BATCHED: str  # the name of the replica's @serve.batch method
+    runner: Any
+    stats: BatchStats
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        cfg = BatchConfig.model_validate(user_config or {})
+        batched = getattr(self, self.BATCHED)
+        batched.set_max_batch_size(cfg.max_batch_size)
+        batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    def batch_stats(self) -> dict[str, Any]:
+        return self.stats.as_dict()
+
+    def ping(self) -> bool:
+        return True
+
+    def check_health(self) -> None:
+        self.runner.probe()
+
+
+
 @serve.deployment
-class Encoder:
+class Encoder(_Replica):
     """One modality's preprocessing + encoder; bound once per modality as ImageEncoder/TextEncoder/AudioEncoder."""
+
+    BATCHED = "encode"
 
     def __init__(self, artifact: str, modality: str, device: str = "auto", torch_threads: int | None = None) -> None:
         from mmfusion.serving.engine import EncoderRunner, keep_encoder
@@ -92,29 +119,17 @@ class Encoder:
         self.stats = BatchStats()
         log.info("%s encoder ready on %s", modality, dev)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        cfg = BatchConfig.model_validate(user_config or {})
-        self.encode.set_max_batch_size(cfg.max_batch_size)
-        self.encode.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode(self, values: list[bytes | str]) -> list[Any]:  # -> list[messages.Encoded]
         self.stats.add(len(values))
         return await asyncio.to_thread(self.runner, values)  # the event loop keeps queueing the next batch
 
-    def batch_stats(self) -> dict[str, Any]:
-        return self.stats.as_dict()
-
-    def ping(self) -> bool:
-        return True
-
-    def check_health(self) -> None:
-        self.runner.probe()
-
 
 @serve.deployment
-class Fusion:
+class Fusion(_Replica):
     """Fusion operator + classifier head over per-modality embeddings -> class probabilities."""
+
+    BATCHED = "fuse"
 
     def __init__(self, artifact: str, device: str = "auto", torch_threads: int | None = None) -> None:
         from mmfusion.serving.engine import FusionRunner, keep_fusion
@@ -124,29 +139,17 @@ class Fusion:
         self.runner.probe()
         self.stats = BatchStats()
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        cfg = BatchConfig.model_validate(user_config or {})
-        self.fuse.set_max_batch_size(cfg.max_batch_size)
-        self.fuse.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def fuse(self, items: list[dict[str, Any]]) -> list[Any]:  # {modality: (D,)} -> (K,) probabilities
         self.stats.add(len(items))
         return await asyncio.to_thread(self.runner, items)
 
-    def batch_stats(self) -> dict[str, Any]:
-        return self.stats.as_dict()
-
-    def ping(self) -> bool:
-        return True
-
-    def check_health(self) -> None:
-        self.runner.probe()
-
 
 @serve.deployment
-class Model:
+class Model(_Replica):
     """The `single` topology: preprocessing, every encoder and the fusion in one replica."""
+
+    BATCHED = "predict"
 
     def __init__(self, artifact: str, device: str = "auto", torch_threads: int | None = None) -> None:
         from mmfusion.serving.engine import ModelRunner
@@ -156,24 +159,10 @@ class Model:
         self.runner.probe()
         self.stats = BatchStats()
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        cfg = BatchConfig.model_validate(user_config or {})
-        self.predict.set_max_batch_size(cfg.max_batch_size)
-        self.predict.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def predict(self, items: list[dict[str, bytes | str]]) -> list[Any]:  # -> list[messages.Predicted]
         self.stats.add(len(items))
         return await asyncio.to_thread(self.runner, items)
-
-    def batch_stats(self) -> dict[str, Any]:
-        return self.stats.as_dict()
-
-    def ping(self) -> bool:
-        return True
-
-    def check_health(self) -> None:
-        self.runner.probe()
 
 
 # --------------------------------------------------------------------------------------------- ingress
