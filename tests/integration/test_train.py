@@ -115,3 +115,16 @@ def test_modality_the_data_lacks_fails_with_a_clear_error(ray_local, avt_tiny, t
         pq.write_table(t.drop_columns(["audio"]), data / f"{split}.parquet")
     with pytest.raises(DataError, match="audio"):
         run_training(tiny_config(data, tmp_path / "runs"))
+
+
+def test_single_modality_data_skips_rows_without_it_instead_of_rejecting(ray_local, avt_tiny, tmp_path):
+    import pyarrow.parquet as pq
+
+    from mmfusion.data.pipeline import build_datasets
+
+    cfg = tiny_config(avt_tiny, tmp_path / "runs", "data.modalities=[image]", "data.max_bad_fraction=0.0")
+    bundle = build_datasets(cfg.data, splits=("train", "val"), seed=cfg.seed)  # no DataError at 0% tolerance
+    train = pq.read_table(avt_tiny / "train.parquet")
+    with_image = sum(v is not None for v in train.column("image").to_pylist())
+    assert with_image < train.num_rows  # the tiny build has rows without an image
+    assert bundle.train_rows == with_image and bundle.num_rejected == 0

@@ -34,7 +34,7 @@ from ray.data.expressions import col
 
 from mmfusion.config import DataConfig
 from mmfusion.data import records
-from mmfusion.data.preprocess import META_COLUMNS, Preprocessor, input_spec, load_tokenizer
+from mmfusion.data.preprocess import EMPTY_ROW, META_COLUMNS, Preprocessor, input_spec, load_tokenizer
 from mmfusion.errors import DataError
 from mmfusion.models.spec import InputSpec
 
@@ -108,9 +108,13 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
     num_rows = processed.count()
     bad_rows = processed.filter(expr=col("error") != "").select_columns(["id", "split", "source", "row", "error"])
     bad = bad_rows.take_all()
+    empty = [r for r in bad if str(r["error"]).startswith(EMPTY_ROW)]  # fine rows, just not for this model
+    bad = [r for r in bad if not str(r["error"]).startswith(EMPTY_ROW)]
     rejects_path = _write_rejects(cfg, bad)
     log.info("read %d rows (%s) from %s; %d rejected", num_rows, ", ".join(read_splits), cfg.path, len(bad))
-    records.check_bad_fraction(len(bad), num_rows, cfg.max_bad_fraction, rejects_path)
+    if empty:
+        log.info("%d rows have none of data.modalities %s and are skipped", len(empty), cfg.modalities)
+    records.check_bad_fraction(len(bad), num_rows - len(empty), cfg.max_bad_fraction, rejects_path)
 
     good = processed.filter(expr=col("error") == "")
     if carve_val:

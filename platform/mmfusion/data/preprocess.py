@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 LOG_EPS = 1e-6  # log-mel floor: log(x + eps) keeps silence finite (about -13.8)
 META_COLUMNS = ("id", "split", "source", "row")  # bookkeeping columns passed through Preprocessor untouched
+# the error of a row that is fine but has none of the configured modalities (a single-modality run over rows
+# that lack it): skipped, and not counted towards data.max_bad_fraction
+EMPTY_ROW = "record: none of the configured modalities"
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are rejected before decoding
 
 
@@ -474,7 +477,7 @@ class Preprocessor:
         labels = self._labels(batch, n, errors)
         for i in range(n):
             if not errors[i] and not present[i].any():
-                errors[i] = f"record: none of the configured modalities ({', '.join(self.modalities)}) is present"
+                errors[i] = f"{EMPTY_ROW} ({', '.join(self.modalities)}) is present"
         bad = np.array([bool(e) for e in errors], dtype=bool)
         if bad.any():  # rejected rows carry no data: zeros everywhere, nothing present
             for k in ("image", "text", "text_mask", "audio"):

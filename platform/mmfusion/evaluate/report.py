@@ -32,6 +32,7 @@ class Predictions:
     labels: np.ndarray  # (N,) true class index, -1 when unlabelled
     ids: list[str]
     rejected: list[dict[str, Any]] = field(default_factory=list)  # rows that could not be decoded
+    skipped: int = 0  # rows with none of the (kept) modalities: left out, nothing to predict from
 
 
 @dataclass
@@ -74,7 +75,7 @@ def _predict_batches(art: Artifact, batches, keep: list[str] | None) -> tuple[np
 def predict_split(art: Artifact, data: str, split: str, modalities: list[str] | None = None) -> Predictions:
     """In-process prediction over one split (no Ray): read records, preprocess, collate, predict."""
     from mmfusion.data.pipeline import MMCollate
-    from mmfusion.data.preprocess import Preprocessor
+    from mmfusion.data.preprocess import EMPTY_ROW, Preprocessor
     from mmfusion.data.records import iter_records
 
     data_cfg = art.cfg.data.model_copy(update={"path": data})
@@ -82,6 +83,7 @@ def predict_split(art: Artifact, data: str, split: str, modalities: list[str] | 
     collate = MMCollate(art.spec)
     ids: list[str] = []
     rejected: list[dict[str, Any]] = []
+    skipped = [0]  # rows with none of the model's modalities: nothing to predict from
 
     def batches():
         for table in iter_records(data, split, data_cfg.label_column, modalities=data_cfg.modalities):
@@ -90,13 +92,17 @@ def predict_split(art: Artifact, data: str, split: str, modalities: list[str] | 
                 out = pre(cols)
                 good = out["error"] == ""
                 for i in np.flatnonzero(~good):
-                    rejected.append({"id": str(out["id"][i]), "reason": str(out["error"][i])})
+                    if not str(out["error"][i]).startswith(EMPTY_ROW):
+                        rejected.append({"id": str(out["id"][i]), "reason": str(out["error"][i])})
+                    else:
+                        skipped[0] += 1
                 if good.any():
                     ids.extend(str(x) for x in out["id"][good])
                     yield collate({k: v[good] for k, v in out.items() if k in MMCollate.DTYPES})
 
     probs, labels, kept = _predict_batches(art, batches(), modalities)
-    return Predictions(probs, labels, [i for i, k in zip(ids, kept, strict=True) if k], rejected)
+    return Predictions(probs, labels, [i for i, k in zip(ids, kept, strict=True) if k], rejected,
+                       skipped=skipped[0] + int((~kept).sum()))
 
 
 def predict_split_ray(art: Artifact, data: str, split: str, modalities: list[str] | None = None,
@@ -150,6 +156,7 @@ def write_report(art: Artifact, preds: Predictions, split: str, source: str,
         raise DataError(f"{source} has no labelled rows that could be decoded; nothing to evaluate")
     report = classification_report(preds.labels[labelled], preds.probs[labelled].argmax(-1), art.labels)
     report["rejected_rows"] = len(preds.rejected)
+    report["skipped_rows"] = preds.skipped
     report["modalities"] = modalities or list(art.spec.modalities)
     suffix = split + ("_" + "+".join(modalities) if modalities else "")
     plot = plot_confusion_matrix(report["confusion_matrix"], art.labels, art.path / f"confusion_matrix_{suffix}.png",
@@ -159,6 +166,8 @@ def write_report(art: Artifact, preds: Predictions, split: str, source: str,
     text = format_report(report, title=f"{art.path.name}: {source}, modalities {report['modalities']}")
     if preds.rejected:
         text += f"\n{len(preds.rejected)} rows could not be decoded and were left out"
+    if preds.skipped:
+        text += f"\n{preds.skipped} rows have none of the modalities {report['modalities']} and were left out"
     return Evaluation(report, text, plot)
 
 
