@@ -37,7 +37,9 @@ def init_ray(address: str | None = None, *, dashboard: bool = True, num_cpus: in
                  log_to_driver=True)
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False  # one "Starting execution ..." block per dataset per epoch is noise
 
 
 def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, strict: bool = True) -> None:
