@@ -107,6 +107,23 @@ def test_text_languages_are_disjoint_between_train_and_test(avt_tiny: Path):
     assert checked > 10
 
 
+def test_train_has_unreadable_texts_and_buried_clips_and_test_has_none(avt_tiny: Path):
+    prov = {s: _provenance(avt_tiny, s) for s in SPLITS}
+    for split in ("train", "val"):
+        n = len(prov[split]["id"])
+        assert 0.1 * n < sum(prov[split]["text_unreadable"]) < 0.4 * n
+        assert 0.1 * n < sum(prov[split]["audio_buried"]) < 0.4 * n
+    assert not any(prov["test"]["text_unreadable"]) and not any(prov["test"]["audio_buried"])
+    t = _table(avt_tiny, "train").to_pydict()
+    for word, label, lang, unreadable in zip(t["text"], t["label"], prov["train"]["text_language"],
+                                             prov["train"]["text_unreadable"], strict=True):
+        if word is not None and unreadable:
+            assert 3 <= len(word) <= 8 and word.lower() not in text.digit_words(lang)
+    card = _card(avt_tiny)["splits"]
+    assert card["train"]["text_unreadable"] == sum(prov["train"]["text_unreadable"])
+    assert card["test"]["audio_buried_in_noise"] == 0
+
+
 def _best_correlation(x: np.ndarray, clip: np.ndarray) -> float:
     """Max over offsets of the normalized correlation between `clip` and a same-length window of `x`."""
     corr = np.correlate(x, clip, mode="valid")

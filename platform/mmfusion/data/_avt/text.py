@@ -60,6 +60,11 @@ class WordSampler:
         self.typo_rate = typo_rate
         self.capitalize_rate = capitalize_rate
 
+    def garble(self, lang: str, rng: np.random.Generator) -> str:
+        """An unreadable field: 3-8 random letters of the language's script (a smudged, mis-scanned entry)."""
+        alphabet = self.alphabets[lang]
+        return "".join(alphabet[int(i)] for i in rng.integers(len(alphabet), size=int(rng.integers(3, 9))))
+
     def sample(self, digit: int, rng: np.random.Generator) -> tuple[str, str, int]:
         """-> (text, language, number of typo edits applied)."""
         lang = self.languages[int(rng.integers(len(self.languages)))]
