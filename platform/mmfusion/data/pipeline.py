@@ -18,7 +18,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +60,7 @@ class DatasetBundle:
     train_rows: int = 0  # rows in each dataset (0 when not requested)
     val_rows: int = 0
     test_rows: int = 0
+    class_counts: list[int] = field(default_factory=list)  # train rows per label index; [] without train
 
 
 def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), seed: int = 0,
@@ -129,9 +130,20 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
     rows = {s: (d.count() if d is not None else 0) for s, d in out.items()}
     if "val" in splits and rows["val"] == 0:
         log.warning("the val split of %s is empty", cfg.path)
+    counts = _class_counts(out["train"], len(labels)) if out["train"] is not None else []
     return DatasetBundle(train=out["train"], val=out["val"], test=out["test"], labels=labels, spec=spec,
                          num_rejected=len(bad), num_rows=num_rows, rejects_path=rejects_path,
-                         train_rows=rows["train"], val_rows=rows["val"], test_rows=rows["test"])
+                         train_rows=rows["train"], val_rows=rows["val"], test_rows=rows["test"],
+                         class_counts=counts)
+
+
+def _class_counts(ds: ray.data.Dataset, num_classes: int) -> list[int]:
+    """Rows per class index (K,) of a preprocessed split: class weights and the majority-class baseline."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for b in ds.select_columns(["label"]).iter_batches(batch_size=65536, batch_format="numpy"):
+        y = np.asarray(b["label"], dtype=np.int64)
+        counts += np.bincount(y[y >= 0], minlength=num_classes)[:num_classes]  # -1: unlabelled
+    return [int(c) for c in counts]
 
 
 def _preprocessed(cfg: DataConfig, summary: records.DatasetSummary, splits: list[str], labels: list[str],
