@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from mmfusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def env_address() -> str | None:
+    """The cluster RAY_ADDRESS names (set inside a Ray Job), or None: then commands start an embedded one."""
+    return os.environ.get("RAY_ADDRESS")
+
+
+def absolute_path(path: str) -> str:
+    """A local path made absolute (Ray workers chdir into their run folder); URIs stay as they are."""
+    return path if "://" in path else str(Path(path).expanduser().absolute())
 
 
 def init_ray(address: str | None = None, *, dashboard: bool = True, num_cpus: int | None = None) -> None:
@@ -23,7 +34,7 @@ def init_ray(address: str | None = None, *, dashboard: bool = True, num_cpus: in
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or env_address()
     if address:
         log.info("joining Ray cluster at %s", address)
         try:

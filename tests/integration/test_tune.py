@@ -29,7 +29,7 @@ def test_asha_search_stops_bad_trials_and_exports_the_best(ray_local, avt_tiny, 
     from mmfusion.tune.runner import run_tune
 
     raw = tune_raw(avt_tiny, tmp_path / "runs", name="t3")
-    run = run_tune(validate_config(raw), raw)
+    run = run_tune(validate_config(raw))
     with run.csv.open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3

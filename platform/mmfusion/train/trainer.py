@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,26 +43,58 @@ def default_run_name(cfg: ExperimentConfig) -> str:
 
 def run_training(cfg: ExperimentConfig, address: str | None = None) -> TrainRun:
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from mmfusion.data.pipeline import build_datasets
-    from mmfusion.runtime import check_fits, init_ray
-    from mmfusion.train.worker import train_loop_per_worker
+    from mmfusion.runtime import absolute_path, check_fits, env_address, init_ray
 
     tc = cfg.train
     name = tc.run_name or default_run_name(cfg)
-    storage = _absolute(tc.storage_path)
-    embedded = not (address or _env_address())
+    storage = absolute_path(tc.storage_path)
+    embedded = not (address or env_address())
     init_ray(address)
     check_fits(tc.num_workers, tc.cpus_per_worker, tc.use_gpu, strict=embedded)
 
     bundle = build_datasets(cfg.data, splits=("train", "val"), seed=cfg.seed)
     log.info("data: %d train rows, %d val rows, %d classes, %d rejected", bundle.train_rows, bundle.val_rows,
              len(bundle.labels), bundle.num_rejected)
-    trainer = TorchTrainer(
+    trainer = build_trainer(cfg, {"train": bundle.train, "val": bundle.val}, data_info(bundle), name, storage,
+                            embedded=embedded)
+    log.info("training run %s (storage %s): %d worker(s), %s", name, storage, tc.num_workers,
+             "GPU" if tc.use_gpu else "CPU")
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise MmfusionError(f"training run {name} failed: {e}") from None
+    return export_run(result, cfg, bundle, name, storage)
+
+
+def data_info(bundle: Any) -> dict[str, Any]:
+    """What the workers learn from the driver's data pass: class names, input shapes, rows per epoch."""
+    return {"labels": bundle.labels, "spec": asdict(bundle.spec), "train_rows": bundle.train_rows}
+
+
+def build_trainer(cfg: ExperimentConfig, datasets: dict[str, Any], info: dict[str, Any], name: str,
+                  storage: str, embedded: bool, callbacks: Sequence[Any] = ()) -> Any:
+    """The one TorchTrainer of a run, for `mmfusion train` and for each Tune trial alike.
+
+    Args:
+        datasets: {"train", "val"} Ray Datasets, sharded across the workers.
+        info: `data_info(bundle)`, passed to every worker beside the experiment config.
+        name: the run's folder under `storage`; a stable name makes a re-run resume from its checkpoints.
+        storage: an absolute path or URI (workers chdir into their run folder).
+        embedded: an embedded local cluster never grows, so workers that cannot be placed fail the run
+            (controller_failure_limit=1) instead of waiting forever; a joined cluster may autoscale.
+        callbacks: Ray Train callbacks (a Tune trial adds TuneReportCallback).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mmfusion.train.worker import train_loop_per_worker
+
+    tc = cfg.train
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), "labels": bundle.labels,
-                           "spec": asdict(bundle.spec), "train_rows": bundle.train_rows},
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), **info},
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu,
             resources_per_worker={"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})),
@@ -71,17 +104,10 @@ def run_training(cfg: ExperimentConfig, address: str | None = None) -> TrainRun:
                 num_to_keep=tc.checkpoints_to_keep, checkpoint_score_attribute=tc.metric,
                 checkpoint_score_order=tc.mode),
             failure_config=ray.train.FailureConfig(
-                max_failures=tc.max_failures,
-                controller_failure_limit=1 if embedded else -1)),  # embedded: fail instead of waiting forever
-        datasets={"train": bundle.train, "val": bundle.val},
+                max_failures=tc.max_failures, controller_failure_limit=1 if embedded else -1),
+            callbacks=list(callbacks)),
+        datasets=datasets,
     )
-    log.info("training run %s (storage %s): %d worker(s), %s", name, storage, tc.num_workers,
-             "GPU" if tc.use_gpu else "CPU")
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise MmfusionError(f"training run {name} failed: {e}") from None
-    return export_run(result, cfg, bundle, name, storage)
 
 
 def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, storage: str) -> TrainRun:
@@ -121,13 +147,3 @@ def _best_checkpoint(result: Any, metric: str, mode: str) -> Any:
     if not scored:
         return None
     return (max if mode == "max" else min)(scored, key=lambda t: t[0])[1]
-
-
-def _absolute(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().absolute())
-
-
-def _env_address() -> str | None:
-    import os
-
-    return os.environ.get("RAY_ADDRESS")

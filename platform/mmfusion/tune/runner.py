@@ -13,7 +13,7 @@ import csv
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,61 +46,47 @@ def experiment_name(cfg: ExperimentConfig) -> str:
 
 
 def trial_fn(config: dict[str, Any], base: dict[str, Any], datasets: dict[str, Any], data_info: dict[str, Any],
-             train_storage: str) -> None:
+             train_storage: str, embedded: bool) -> None:
     """Runs inside a Tune trial actor: build the trial's config and run one TorchTrainer."""
-    import ray.train
     from ray import tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mmfusion.train.worker import train_loop_per_worker
+    from mmfusion.train.trainer import build_trainer
 
     cfg = trial_config(base, config["values"])
-    tc = cfg.train
-    TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), **data_info},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-            resources_per_worker={"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})),
-        run_config=ray.train.RunConfig(
-            name=f"trial-{tune.get_context().get_trial_id()}",  # stable: a restored trial resumes its Train run
-            storage_path=train_storage,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.checkpoints_to_keep,
-                                                         checkpoint_score_attribute=tc.metric,
-                                                         checkpoint_score_order=tc.mode),
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            callbacks=[TuneReportCallback()]),
-        datasets=datasets,
-    ).fit()
+    name = f"trial-{tune.get_context().get_trial_id()}"  # stable: a restored trial resumes its Train run
+    build_trainer(cfg, datasets, data_info, name, train_storage, embedded=embedded,
+                  callbacks=[TuneReportCallback()]).fit()
 
 
-def run_tune(cfg: ExperimentConfig, raw: dict[str, Any], address: str | None = None) -> TuneRun:
-    """raw: the resolved experiment dict (base config for every trial)."""
+def run_tune(cfg: ExperimentConfig, address: str | None = None) -> TuneRun:
+    """Every trial is `cfg` (the keys the user set, so a searched encoder name swaps its whole section)
+    plus the sampled values of `cfg.tune.space`."""
     import ray.tune as tune
     from ray.tune.schedulers import ASHAScheduler
 
     from mmfusion.data.pipeline import build_datasets
-    from mmfusion.runtime import check_fits, init_ray
-    from mmfusion.train.trainer import _absolute
+    from mmfusion.runtime import absolute_path, check_fits, env_address, init_ray
+    from mmfusion.train.trainer import data_info
 
     if cfg.tune is None:
         raise ConfigError("the config has no `tune:` section (see jobs/configs/tune_avt_digits.yaml)")
     tu = cfg.tune
-    parsed = validate_space(raw, tu.space, tu.search)  # before Ray starts: a typo costs nothing
+    base = cfg.model_dump(mode="json", exclude_unset=True)  # the keys the YAML and overrides set
+    parsed = validate_space(base, tu.space, tu.search)  # before Ray starts: a typo costs nothing
     metric, mode = tu.metric or cfg.train.metric, tu.mode or cfg.train.mode
     name = experiment_name(cfg)
-    storage = _absolute(cfg.train.storage_path)
+    storage = absolute_path(cfg.train.storage_path)
     exp_path = f"{storage.rstrip('/')}/{name}"
+    embedded = not (address or env_address())
 
     init_ray(address)
-    check_fits(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu,
-               strict=not (address or _env_address()))
+    check_fits(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu, strict=embedded)
     bundle = build_datasets(cfg.data, splits=("train", "val"), seed=cfg.seed)
-    data_info = {"labels": bundle.labels, "spec": asdict(bundle.spec), "train_rows": bundle.train_rows}
     trainable = tune.with_resources(
-        tune.with_parameters(trial_fn, base=raw, datasets={"train": bundle.train, "val": bundle.val},
-                             data_info=data_info, train_storage=f"{exp_path}/train"),
+        tune.with_parameters(trial_fn, base=base, datasets={"train": bundle.train, "val": bundle.val},
+                             data_info=data_info(bundle), train_storage=f"{exp_path}/train",
+                             embedded=embedded),
         {"CPU": tu.trial_cpus})
 
     if tune.Tuner.can_restore(exp_path):
@@ -127,10 +113,10 @@ def run_tune(cfg: ExperimentConfig, raw: dict[str, Any], address: str | None = N
     log.info("tune experiment %s: %d sample(s), search=%s, scheduler=%s, metric=%s (%s)", name, tu.num_samples,
              tu.search, tu.scheduler, metric, mode)
     grid = tuner.fit()
-    return summarize(grid, cfg, raw, bundle, name, exp_path, metric, mode)
+    return summarize(grid, cfg, base, bundle, name, exp_path, metric, mode)
 
 
-def summarize(grid: Any, cfg: ExperimentConfig, raw: dict[str, Any], bundle: Any, name: str, exp_path: str,
+def summarize(grid: Any, cfg: ExperimentConfig, base: dict[str, Any], bundle: Any, name: str, exp_path: str,
               metric: str, mode: str) -> TuneRun:
     import ray.train
 
@@ -158,7 +144,7 @@ def summarize(grid: Any, cfg: ExperimentConfig, raw: dict[str, Any], bundle: Any
 
     train_dir = f"{exp_path}/train/trial-{best['trial_id']}"
     result = ray.train.Result.from_path(train_dir)
-    best_cfg = trial_config(raw, {k: best[k] for k in cfg.tune.space})
+    best_cfg = trial_config(base, {k: best[k] for k in cfg.tune.space})
     best_cfg.train.artifact_dir = cfg.tune.artifact_dir or f"{exp_path}/best_artifact"
     run = export_run(result, best_cfg, bundle, f"trial-{best['trial_id']}", f"{exp_path}/train")
     if is_remote(exp_path):
@@ -221,8 +207,3 @@ def _table(rows: list[dict[str, Any]], metric: str, mode: str, keys: list[str]) 
 def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
-
-def _env_address() -> str | None:
-    import os
-
-    return os.environ.get("RAY_ADDRESS")
