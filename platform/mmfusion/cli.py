@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from mmfusion.errors import MmfusionError
 
 if TYPE_CHECKING:
-    from mmfusion.jobs import JobResult
+    from mmfusion.ray_jobs import JobResult
 
 log = logging.getLogger("mmfusion")
 
@@ -104,21 +104,22 @@ def _request(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from mmfusion.config import apply_overrides, read_yaml, validate_config
+    from mmfusion.config import load_config
     from mmfusion.tune.runner import run_tune
 
-    raw = apply_overrides(read_yaml(args.config), args.overrides)
-    run = run_tune(validate_config(raw, source=args.config), raw, address=args.address)
-    sys.stdout.write(f"{run.table}\n\ntrials: {run.csv}\ncurves: {run.plot}\nbest artifact:\n{run.location or run.artifact}\n")
+    run = run_tune(load_config(args.config, args.overrides), address=args.address)
+    sys.stdout.write(f"{run.table}\n\ntrials: {run.csv}\ncurves: {run.plot}\n"
+                     f"best artifact:\n{run.location or run.artifact}\n")
     return 0
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from mmfusion.jobs import submit
+    from mmfusion.ray_jobs import submit
 
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
-    job = submit(command, address=args.address, working_dir=Path(args.working_dir), wait=not args.no_wait,
-                 use_installed=args.use_installed, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    job = submit(command, subcommands=subcommand_names(build_parser()), address=args.address,
+                 working_dir=Path(args.working_dir), wait=not args.no_wait, use_installed=args.use_installed,
+                 num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     if args.no_wait:
         sys.stdout.write(f"{job.job_id}\n")
         return 0
@@ -135,18 +136,18 @@ def _job_outcome(job: JobResult) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from mmfusion import jobs
+    from mmfusion import ray_jobs
 
     if args.sub == "list":
-        sys.stdout.write(jobs.format_jobs(jobs.list_jobs(args.address)) + "\n")
+        sys.stdout.write(ray_jobs.format_jobs(ray_jobs.list_jobs(args.address)) + "\n")
     elif args.sub == "status":
-        info = jobs.job_info(args.job_id, args.address)
+        info = ray_jobs.job_info(args.job_id, args.address)
         sys.stdout.write(f"{info.status}\n" + (f"{info.message}\n" if info.message else ""))
     elif args.sub == "logs":
-        job = jobs.job_logs(args.job_id, args.address, follow_logs=args.follow)
+        job = ray_jobs.job_logs(args.job_id, args.address, follow_logs=args.follow)
         return _job_outcome(job) if args.follow else 0
     elif args.sub == "stop":
-        sys.stdout.write(f"{jobs.stop_job(args.job_id, args.address)}\n")
+        sys.stdout.write(f"{ray_jobs.stop_job(args.job_id, args.address)}\n")
     return 0
 
 
@@ -254,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             j.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
     return p
+
+
+def subcommand_names(parser: argparse.ArgumentParser) -> set[str]:
+    """The top-level subcommands (`train`, `tune`, ...): what `mmfusion submit` may send to a cluster."""
+    for action in parser._actions:  # argparse keeps subcommands on its one _SubParsersAction
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -1,6 +1,6 @@
 """Ray Jobs from the command line: `mmfusion submit -- <mmfusion command>` and `mmfusion jobs ...`.
 
-    job = submit(["train", "jobs/configs/avt_digits.yaml", "train.num_workers=4"],
+    job = submit(["train", "jobs/configs/avt_digits.yaml", "train.num_workers=4"], subcommands={"train", ...},
                  address="http://127.0.0.1:8265")      # uploads the working dir, streams the logs
     job.status                                          # "SUCCEEDED" | "FAILED" | "STOPPED" | "RUNNING" ...
 
@@ -23,7 +23,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,10 +187,11 @@ def _quiet_ray_client_logs() -> None:
 # ------------------------------------------------------------------------------------------- submit
 
 
-def build_entrypoint(command: Sequence[str]) -> str:
-    """`["train", "cfg.yaml", "optim.lr=1e-3"]` -> `mmfusion train cfg.yaml optim.lr=1e-3` (shell-quoted)."""
-    from mmfusion.cli import build_parser
+def build_entrypoint(command: Sequence[str], subcommands: Collection[str]) -> str:
+    """`["train", "cfg.yaml", "optim.lr=1e-3"]` -> `mmfusion train cfg.yaml optim.lr=1e-3` (shell-quoted).
 
+    subcommands: the CLI's subcommand names (the CLI passes them: this module does not import it).
+    """
     command = list(command)
     if command[:1] == ["--"]:
         command = command[1:]
@@ -199,7 +200,7 @@ def build_entrypoint(command: Sequence[str]) -> str:
     if command[0] in ("mmfusion", "python"):
         raise MmfusionError(f"give the mmfusion subcommand without {command[0]!r}: "
                             f"`mmfusion submit -- train CONFIG ...`")
-    known = _subcommands(build_parser())
+    known = set(subcommands)
     if command[0] not in known or command[0] in NOT_SUBMITTABLE:
         allowed = ", ".join(sorted(known - NOT_SUBMITTABLE))
         raise MmfusionError(f"cannot submit {command[0]!r}: the command must be an mmfusion subcommand "
@@ -236,11 +237,11 @@ def warn_local_paths(command: Sequence[str], working_dir: Path | None) -> None:
                         "on shared storage (use s3://, gs:// or NFS)", value)
 
 
-def submit(command: Sequence[str], *, address: str | None = None, working_dir: Path | None = Path("."),
-           wait: bool = True, use_installed: bool = False, num_cpus: float | None = None,
+def submit(command: Sequence[str], *, subcommands: Collection[str], address: str | None = None,
+           working_dir: Path | None = Path("."), wait: bool = True, use_installed: bool = False, num_cpus: float | None = None,
            num_gpus: float | None = None, out: IO[str] | None = None) -> JobResult:
     """Submit `mmfusion <command>` as a Ray Job; with wait, stream its logs to `out` until it ends."""
-    entrypoint = build_entrypoint(command)
+    entrypoint = build_entrypoint(command, subcommands)
     runtime_env = build_runtime_env(working_dir, use_installed=use_installed)
     warn_local_paths(command, working_dir)
     client, url, token = connect(address)
@@ -286,15 +287,6 @@ def follow(client: JobSubmissionClient, url: str, token: Token | None, job_id: s
 
 def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
-
-
-def _subcommands(parser: Any) -> set[str]:
-    import argparse
-
-    for action in parser._actions:  # argparse keeps subcommands on its one _SubParsersAction
-        if isinstance(action, argparse._SubParsersAction):
-            return set(action.choices)
-    return set()
 
 
 # --------------------------------------------------------------------------------------- jobs ...

@@ -1,4 +1,4 @@
-"""mmfusion.jobs without a cluster: token lookup, address resolution, entrypoint and runtime_env building,
+"""mmfusion.ray_jobs without a cluster: token lookup, address resolution, entrypoint and runtime_env building,
 and the CLI's handling of `--`. The e2e tests (tests/e2e/test_submit.py) submit to a real cluster."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mmfusion.cli import build_parser
+from mmfusion.cli import build_parser, subcommand_names
 from mmfusion.errors import MmfusionError
-from mmfusion.jobs import (
+from mmfusion.ray_jobs import (
     DEFAULT_ADDRESS,
     ClusterError,
     _in_clear,
@@ -22,6 +22,7 @@ from mmfusion.jobs import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+COMMANDS = subcommand_names(build_parser())
 
 
 def test_token_lookup_follows_rays_order(tmp_path):
@@ -62,7 +63,7 @@ def test_a_token_over_plain_http_to_another_host_is_flagged():
 
 
 def test_entrypoint_is_a_quoted_mmfusion_command():
-    assert build_entrypoint(["--", "train", "my cfg.yaml", "data.modalities=[image,text]"]) == \
+    assert build_entrypoint(["--", "train", "my cfg.yaml", "data.modalities=[image,text]"], COMMANDS) == \
         "mmfusion train 'my cfg.yaml' 'data.modalities=[image,text]'"
 
 
@@ -76,7 +77,7 @@ def test_entrypoint_is_a_quoted_mmfusion_command():
 ])
 def test_bad_commands_are_refused_before_contacting_a_cluster(command, needle):
     with pytest.raises(MmfusionError, match=needle):
-        build_entrypoint(command)
+        build_entrypoint(command, COMMANDS)
 
 
 def test_runtime_env_uploads_the_working_dir_and_the_local_package(tmp_path):
