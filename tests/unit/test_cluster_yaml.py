@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmfusion.deploy import validate_cluster_config
+from mmfusion.cluster import validate_cluster_config
 from mmfusion.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
