@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import signal
@@ -9,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tests.helpers import ckpts as _ckpts
@@ -26,7 +28,23 @@ def _predict(artifact, table_dir: Path):
     return predict_split(artifact, str(table_dir), "test")
 
 
-def test_two_worker_training_writes_an_artifact_that_reloads_identically(ray_local, avt_tiny, tmp_path, monkeypatch):
+def _trained_model(run_dir: Path, epoch: int, cfg) -> torch.nn.Module:
+    """The model as training left it: the weights of the checkpoint of `epoch`, read from the run folder
+    (not from the artifact), in a freshly built model."""
+    import json
+
+    from mmfusion.data.preprocess import input_spec
+    from mmfusion.models.model import build_model
+    from mmfusion.train.checkpoint import load_model_state
+
+    [ckpt] = [d for d in _ckpts(run_dir) if json.loads((d / "state.json").read_text())["epoch"] == epoch]
+    model = build_model(cfg.model, input_spec(cfg.data), num_classes=10, load_weights=False)
+    model.load_state_dict(load_model_state(ckpt), strict=True)
+    return model.eval()
+
+
+def test_two_worker_training_writes_an_artifact_that_predicts_like_the_trained_model(ray_local, avt_tiny,
+                                                                                    tmp_path, monkeypatch):
     from mmfusion.train.trainer import run_training
 
     cfg = tiny_config(avt_tiny, tmp_path / "runs", "train.num_workers=2")
@@ -44,19 +62,14 @@ def test_two_worker_training_writes_an_artifact_that_reloads_identically(ray_loc
         m.setattr(pickle, "load", no_pickle)
         m.setattr(pickle, "loads", no_pickle)
         m.setattr(torch, "load", no_pickle)
-        a1 = load_artifact(art_dir)
-        a2 = load_artifact(art_dir)
-    p1, p2 = _predict(a1, avt_tiny), _predict(a2, avt_tiny)
-    assert p1.probs.shape[1] == 10 and len(p1.probs) > 0
-    assert torch.equal(torch.as_tensor(p1.probs), torch.as_tensor(p2.probs))
-    # the artifact holds the best checkpoint's weights exactly
-    from mmfusion.train.checkpoint import load_model_state
-
-    best = max(_ckpts(Path(run.path)), key=lambda d: (d / "state.json").stat().st_mtime)
-    ref = load_model_state(best)
-    state = a1.model.state_dict()
-    if run.metrics["best_epoch"] == run.metrics["epochs_run"] - 1:
-        assert all(torch.equal(state[k], ref[k]) for k in ref)
+        art = load_artifact(art_dir)
+    # the artifact must predict what the kept (best) checkpoint's model predicts, on the same test rows
+    trained = _trained_model(Path(run.path), run.metrics["best_epoch"], cfg)
+    got = _predict(art, avt_tiny)
+    expected = _predict(dataclasses.replace(art, model=trained), avt_tiny)
+    assert got.probs.shape[1] == 10 and len(got.probs) > 0
+    assert got.ids == expected.ids
+    np.testing.assert_allclose(got.probs, expected.probs, rtol=0, atol=1e-6)
 
 
 def _worker_pids() -> list[int]:
@@ -97,10 +110,8 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, avt_tiny, tm
 def test_more_workers_than_the_cluster_fits_fails_fast(ray_local, avt_tiny, tmp_path):
     from mmfusion.train.trainer import run_training
 
-    t0 = time.time()
     with pytest.raises(ConfigError, match="num_workers"):
         run_training(tiny_config(avt_tiny, tmp_path / "runs", "train.num_workers=64"))
-    assert time.time() - t0 < 60
 
 
 def test_modality_the_data_lacks_fails_with_a_clear_error(ray_local, avt_tiny, tmp_path):

@@ -30,15 +30,6 @@ SPEC = InputSpec(modalities=("image", "text", "audio"), image_shape=(1, 16, 16),
 B = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # noqa: ANN201
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spinning costs a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def save_tiny_hf_models(root: Path) -> dict[str, str]:
     """Tiny random HF models (vision, text, audio) saved with save_pretrained; returns name -> folder."""
     from transformers import (

@@ -32,15 +32,6 @@ FUSION_NAMES = ["concat", "attention", "gated", "tensor", "low_rank", "late"]
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # noqa: ANN201
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spinning costs a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def spec_for(mods: tuple[str, ...]) -> InputSpec:
     return InputSpec(modalities=mods, image_shape=(1, 8, 8), vocab_size=259, pad_id=0, max_text_len=12,
                      audio_shape=(1, 16, 24))  # 16 mel bins x 24 frames: the tiny AST's input

@@ -54,18 +54,9 @@ def fixed_batch(avt_tiny: Path, repo_root: Path) -> tuple[dict[str, torch.Tensor
     return batch, labels
 
 
-@pytest.fixture
-def one_thread():  # noqa: ANN201
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spinning costs a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("fusion", list(FUSIONS))
 def test_fusion_overfits_a_fixed_batch(fixed_batch: tuple[dict[str, torch.Tensor], list[str]], avt_tiny: Path,
-                                       repo_root: Path, one_thread: None, fusion: str) -> None:
+                                       repo_root: Path, fusion: str) -> None:
     batch, labels = fixed_batch
     cfg = tiny_config(repo_root, avt_tiny, f"model.fusion.name={fusion}")
     from mmfusion.data.preprocess import input_spec
