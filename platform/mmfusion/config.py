@@ -96,7 +96,7 @@ class ResnetImageEncoderConfig(Strict):
 class HfEncoderConfig(Strict):
     name: Literal["hf"] = "hf"
     pretrained: str  # Hugging Face hub name or local folder
-    freeze: bool = True  # frozen encoders can be run once and cached
+    freeze: bool = True  # no gradients into the backbone (it still runs every step: no embedding cache yet)
     dim: int | None = None  # project to this size; None keeps the hidden size
 
 
@@ -295,7 +295,8 @@ def validate_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentCo
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"invalid config {source}:\n" + format_validation_error(e, ExperimentConfig)) from None
+        raise ConfigError(f"invalid config {source}:\n" + format_validation_error(e, ExperimentConfig, raw)
+                          ) from None
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
@@ -305,15 +306,17 @@ def dump_config(cfg: ExperimentConfig) -> str:
 # ----------------------------------------------------------------------------------- error messages
 
 
-def format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
+def format_validation_error(err: ValidationError, root: type[BaseModel], data: Any = None) -> str:
+    """One line per error, keyed by its dotted path; an unknown key lists the keys allowed at its place
+    (found by walking `data`, the validated input, against `root`)."""
+    allowed = dict(unknown_key_paths(data, root))
     lines = []
     for e in err.errors():
         loc = [str(x) for x in e["loc"]]
         shown = [p for p in loc if p not in _TAGS]  # drop discriminated-union tags ("cnn", "hf", ...)
         key = ".".join(shown) or "<root>"
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(root, loc[:-1])
-            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            hint = f"; allowed keys here: {', '.join(allowed[key])}" if allowed.get(key) else ""
             lines.append(f"  {key}: unknown key{hint}")
         elif e["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
@@ -326,32 +329,53 @@ def format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
 _TAGS = {"cnn", "resnet", "hf", "lstm", "transformer"}  # encoder `name` tags that pydantic puts in error locations
 
 
-def _allowed_keys(root: type[BaseModel], loc: list[str]) -> list[str]:
-    """Walk the model classes along `loc` (discriminated-union tags included) and list the fields there."""
-    candidates: list[Any] = [root]
-    for part in loc:
-        nxt: list[Any] = []
-        for c in candidates:
-            for t in _expand(c):
-                if isinstance(t, type) and issubclass(t, BaseModel):
-                    if part in t.model_fields:
-                        nxt.append(t.model_fields[part].annotation)
-                    else:  # a union tag such as "cnn" in model.encoders.image.cnn.<key>
-                        name_field = t.model_fields.get("name")
-                        if name_field is not None and typing.get_args(name_field.annotation) == (part,):
-                            nxt.append(t)
-                elif typing.get_origin(t) is dict:
-                    nxt.append(typing.get_args(t)[1])
-        candidates = nxt
-    keys: list[str] = []
-    for c in candidates:
-        for t in _expand(c):
-            if isinstance(t, type) and issubclass(t, BaseModel):
-                keys += [k for k in t.model_fields if k not in keys]
-    return keys
+def unknown_keys(data: Any, model: type[BaseModel]) -> list[str]:
+    """Every key in `data` (recursively) that is not a field (or alias) of the pydantic model at its place,
+    as "dotted.path (allowed here: a, b)". For models that ignore unknown keys, such as Ray Serve's schema."""
+    return [f"{path} (allowed here: {', '.join(keys)})" for path, keys in unknown_key_paths(data, model)]
+
+
+def unknown_key_paths(data: Any, model: type[BaseModel], path: str = "") -> list[tuple[str, list[str]]]:
+    """The one walker over pydantic annotations: [(dotted path of an unknown key, the keys allowed there)].
+
+    A discriminated union (the encoders' `name`) is followed into the member the data's `name` selects; any
+    other union into its first pydantic model (Serve's `Union[Dict, AutoscalingConfig]` is checked as the
+    model). Lists and dict values are followed into their item type.
+    """
+    if not isinstance(data, dict):
+        return []
+    fields = model.model_fields
+    by_alias = {f.alias: name for name, f in fields.items() if f.alias}
+    out: list[tuple[str, list[str]]] = []
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        name = key if key in fields else by_alias.get(key)
+        if name is None:
+            out.append((where, list(fields)))
+        else:
+            out += _walk(value, fields[name].annotation, where)
+    return out
+
+
+def _walk(value: Any, annotation: Any, path: str) -> list[tuple[str, list[str]]]:
+    options = _expand(annotation)
+    models = [t for t in options if isinstance(t, type) and issubclass(t, BaseModel)]
+    if models:
+        tag = value.get("name") if isinstance(value, dict) else None
+        chosen = [m for m in models if "name" in m.model_fields
+                  and tag in typing.get_args(m.model_fields["name"].annotation)]
+        return unknown_key_paths(value, (chosen or models)[0], path)
+    for t in options:
+        origin, args = typing.get_origin(t), typing.get_args(t)
+        if origin in (list, tuple, set) and isinstance(value, list) and args:
+            return [k for i, v in enumerate(value) for k in _walk(v, args[0], f"{path}[{i}]")]
+        if origin is dict and isinstance(value, dict) and len(args) == 2:
+            return [k for key, v in value.items() for k in _walk(v, args[1], f"{path}.{key}")]
+    return []
 
 
 def _expand(t: Any) -> list[Any]:
+    """The types an annotation admits: Annotated unwrapped, unions (and Optional) flattened."""
     origin = typing.get_origin(t)
     if origin is Annotated:
         return _expand(typing.get_args(t)[0])
