@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mmfusion.runtime import init_ray
     from mmfusion.serving.artifacts import read_info
-    from mmfusion.serving.deploy import check_serve_config, deploy_config, load_serve_config, prepare_config
+    from mmfusion.serving.config import check_serve_config, load_serve_config, prepare_config
+    from mmfusion.serving.server import deploy_config
 
     base = load_serve_config(args.config)
     apps = []

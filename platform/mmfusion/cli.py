@@ -71,7 +71,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from mmfusion.serving.deploy import run_server
+    from mmfusion.serving.server import run_server
 
     run_server(args.config, args.artifact, host=args.host, port=args.port, topology=args.topology,
                api_key_env=args.api_key_env, address=args.address, timeout_s=args.timeout)

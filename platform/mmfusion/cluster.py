@@ -75,10 +75,10 @@ def validate_cluster_config(config: dict[str, Any], source: str = str(CLUSTER_YA
 def serve_config_v2(serve_config: dict[str, Any], source: str = "<serve config>") -> str:
     """A validated Serve config as the YAML text KubeRay's serveConfigV2 holds.
 
-    Validation is the serving code's own (mmfusion.serving.deploy.check_serve_config: Serve's schema, every
+    Validation is the serving code's own (mmfusion.serving.config.check_serve_config: Serve's schema, every
     key, the app's args, batch sizes), so what `serve deploy` would refuse never reaches a manifest.
     """
-    from mmfusion.serving.deploy import check_serve_config
+    from mmfusion.serving.config import check_serve_config
 
     if not isinstance(serve_config, dict) or not serve_config.get("applications"):
         raise ConfigError(f"{source} must be a Serve config with an `applications:` list")

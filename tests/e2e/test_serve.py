@@ -23,9 +23,10 @@ import yaml
 from tests.unit.test_serving_engine import make_artifact, tone, wav_bytes
 
 from mmfusion.artifact import load_artifact
-from mmfusion.data.records import read_records
+from mmfusion.data.readers import read_records
 from mmfusion.evaluate.report import predict_split
-from mmfusion.serving.deploy import check_serve_config, deploy_config, prepare_config
+from mmfusion.serving.config import check_serve_config, prepare_config
+from mmfusion.serving.server import deploy_config
 
 pytestmark = pytest.mark.e2e
 

@@ -10,10 +10,11 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from mmfusion.config import unknown_keys
 from mmfusion.errors import ArtifactError, ConfigError
 from mmfusion.serving.app import deployment_names
 from mmfusion.serving.batching import BatchConfig
-from mmfusion.serving.deploy import APP_IMPORT_PATH, check_serve_config, prepare_config, unknown_keys
+from mmfusion.serving.config import APP_IMPORT_PATH, check_serve_config, prepare_config
 from mmfusion.serving.schemas import ServeArgs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,7 +45,7 @@ def test_batch_sizes_fit_max_ongoing_requests(name):
         if d["name"] == "Ingress":
             assert "user_config" not in d
             continue
-        batch = BatchConfig.model_validate(d["user_config"])
+        batch = BatchConfig.model_validate(d.get("user_config") or {})  # none: the defaults
         assert d["max_ongoing_requests"] >= batch.max_batch_size, d["name"]
         assert d["max_queued_requests"] > 0, d["name"]  # a bounded queue: overload becomes 503s, not latency
 
@@ -99,7 +100,7 @@ def test_unknown_keys_catch_what_serve_silently_ignores():
     (lambda a: a["args"].update(topolgy="single"), "args: topolgy"),
     (lambda a: a["args"].update(max_request_bytes=10), "max_request_bytes"),
     (lambda a: a["deployments"][1].update(max_ongoing_requests=4), "max_ongoing_requests=4 < user_config"),
-    (lambda a: a["deployments"][1]["user_config"].update(max_batch=8), "user_config: max_batch"),
+    (lambda a: a["deployments"][1].setdefault("user_config", {}).update(max_batch=8), "user_config: max_batch"),
 ])
 def test_check_serve_config_rejects_bad_args_and_batches(edit, needle):
     raw = load("local")
@@ -114,7 +115,7 @@ def two_modality_artifact(tmp_path_factory):
     from tests.helpers import tiny_config
 
     from mmfusion.artifact import save_artifact
-    from mmfusion.data.preprocess import input_spec
+    from mmfusion.data.preprocessor import input_spec
     from mmfusion.models.model import build_model
 
     root = tmp_path_factory.mktemp("serving_config")

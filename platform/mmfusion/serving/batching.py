@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 class BatchConfig(BaseModel):
     """A batched deployment's `user_config` in serve/*.yaml (applied in `reconfigure`, no restart needed).
 
+    Its defaults are the only batch defaults: the `@serve.batch` decorators start from them, and a deployment
+    whose Serve config has no user_config keeps them.
+
     `max_ongoing_requests` must be at least `max_batch_size`: Serve never hands a replica more requests at
     once, so a larger batch could never form (serve/*.yaml are checked for this by the tests).
     """

@@ -14,7 +14,8 @@ encoders itself (rather than chaining their responses into the fusion call) so t
 400 naming the modality and a full encoder queue a 503 with Retry-After before fusion is asked for anything.
 
 The decorators are bare: replicas, CPUs/GPUs, autoscaling, queue limits and batch sizes (user_config) come
-from serve/*.yaml. Every batched deployment counts its batch sizes (`batch_stats`, also in /v1/metadata).
+from serve/*.yaml; a deployment without user_config batches with BatchConfig's defaults. Every batched
+deployment counts its batch sizes (`batch_stats`, also in /v1/metadata).
 """
 
 
@@ -54,6 +55,7 @@ from mmfusion.serving.schemas import (
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0  # /healthz fails when a backend deployment does not answer a ping in this time
+BATCH = BatchConfig()  # every batched method starts with these; a Serve config's user_config replaces them
 
 
 def _load_model(artifact: str, device: str, torch_threads: int | None) -> tuple[Any, Any]:
@@ -119,7 +121,7 @@ class Encoder(_Replica):
         self.stats = BatchStats()
         log.info("%s encoder ready on %s", modality, dev)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=BATCH.max_batch_size, batch_wait_timeout_s=BATCH.batch_wait_timeout_s)
     async def encode(self, values: list[bytes | str]) -> list[Any]:  # -> list[messages.Encoded]
         self.stats.add(len(values))
         return await asyncio.to_thread(self.runner, values)  # the event loop keeps queueing the next batch
@@ -139,7 +141,7 @@ class Fusion(_Replica):
         self.runner.probe()
         self.stats = BatchStats()
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=BATCH.max_batch_size, batch_wait_timeout_s=BATCH.batch_wait_timeout_s)
     async def fuse(self, items: list[dict[str, Any]]) -> list[Any]:  # {modality: (D,)} -> (K,) probabilities
         self.stats.add(len(items))
         return await asyncio.to_thread(self.runner, items)
@@ -159,7 +161,7 @@ class Model(_Replica):
         self.runner.probe()
         self.stats = BatchStats()
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=BATCH.max_batch_size, batch_wait_timeout_s=BATCH.batch_wait_timeout_s)
     async def predict(self, items: list[dict[str, bytes | str]]) -> list[Any]:  # -> list[messages.Predicted]
         self.stats.add(len(items))
         return await asyncio.to_thread(self.runner, items)
