@@ -4,11 +4,12 @@
 (`model.fusion.name=gated optim.lr=3e-4 data.modalities=[image,text]`), and validates the result.
 Every model forbids unknown keys, so a typo fails with the key's full path and the allowed keys.
 Downstream code receives typed sub-configs (`cfg.data`, `cfg.model`), never the raw dict.
+Reading files (`base:` inheritance) and applying overrides live in mmfusion.config_merge, which also says
+what happens when an encoder's `name` changes.
 """
 
 from __future__ import annotations
 
-import copy
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mmfusion.config_merge import apply_overrides, parse_override, read_yaml  # noqa: F401 (re-exported)
 from mmfusion.errors import ConfigError
 
 Modality = Literal["image", "text", "audio"]
@@ -170,6 +172,12 @@ class OptimConfig(Strict):
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None disables
+    # learning rate of the encoders; None = lr. A mapping sets it per modality ({image: 1e-3}; unlisted: lr).
+    # The fusion operator and the head always use lr.
+    encoder_lr: Annotated[float, Field(gt=0)] | dict[Modality, Annotated[float, Field(gt=0)]] | None = None
+    # none: plain cross-entropy; balanced: class c weighs n_train / (n_classes * count_c) (imbalanced labels)
+    class_weights: Literal["none", "balanced"] = "none"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy target smoothing (train loss only)
 
 
 class TrainConfig(Strict):
@@ -218,66 +226,6 @@ class ExperimentConfig(Strict):
 
 
 # ------------------------------------------------------------------------------------------ loading
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a", "b", "c"], value); the value is parsed as YAML (numbers, lists, null)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=3e-4)")
-    key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"override {item!r} has an empty key segment")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({e.problem})") from None
-    return parts, value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    out = copy.deepcopy(raw)
-    for item in overrides or []:
-        parts, value = parse_override(item)
-        node = out
-        for i, p in enumerate(parts[:-1]):
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            elif not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return out
-
-
-def read_yaml(path: str | Path, _depth: int = 0) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(raw).__name__}")
-    base = raw.pop("base", None)  # `base: other.yaml` (relative to this file): this file's keys win
-    if base is not None:
-        if not isinstance(base, str):
-            raise ConfigError(f"config file {p}: base must be a file name, got {base!r}")
-        if _depth > 8:
-            raise ConfigError(f"config file {p}: too many nested `base:` files")
-        raw = _deep_merge(read_yaml(p.parent / base, _depth + 1), raw)
-    return raw
-
-
-def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, base_dir: str | Path | None = None,

@@ -15,3 +15,7 @@ class DataError(MmfusionError):
 
 class ArtifactError(MmfusionError):
     """An artifact folder is missing a file or does not match the code."""
+
+
+class TrainingDivergedError(MmfusionError):
+    """The training loss became NaN or infinite; the message names the epoch and the step."""

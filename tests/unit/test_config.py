@@ -32,10 +32,43 @@ def test_overrides_parse_yaml_values_and_nested_keys():
     assert cfg.model.encoders.text.dim == 64
 
 
-def test_switching_encoder_keeps_keys_it_does_not_know_as_errors():
-    # the LSTM's keys stay in the YAML: the transformer does not accept them, and says which ones
-    with pytest.raises(ConfigError, match="model.encoders.text.hidden: unknown key"):
-        load_config(DEFAULT, ["model.encoders.text.name=transformer"])
+def test_switching_encoder_name_drops_the_old_types_keys_in_any_order():
+    # the base's lstm has embed_dim/hidden; a transformer keeps only the keys it also has (dim, dropout)
+    for overrides in (["model.encoders.text.name=transformer", "model.encoders.text.dim=64"],
+                      ["model.encoders.text.dim=64", "model.encoders.text.name=transformer"]):
+        text = load_config(DEFAULT, overrides).model.encoders.text
+        assert text.name == "transformer" and text.dim == 64
+    # a name that is no type still fails, listing the known ones
+    with pytest.raises(ConfigError, match="'transformer'"):
+        load_config(DEFAULT, ["model.encoders.text.name=gpt"])
+    # sections with one type for all names merge: sgd keeps the base's lr
+    cfg = load_config(DEFAULT, ["optim.name=sgd", "model.fusion.name=gated"])
+    assert cfg.optim.lr == load_config(DEFAULT).optim.lr and cfg.model.fusion.dropout == 0.2
+
+
+def test_base_file_switching_the_encoder_type_replaces_the_section(tmp_path):
+    (tmp_path / "hf.yaml").write_text(
+        f"base: {DEFAULT}\nmodel:\n  encoders:\n    text: {{name: hf, pretrained: /models/minilm}}\n"
+        "    image: {dim: 32}\n")
+    enc = load_config(tmp_path / "hf.yaml").model.encoders
+    assert enc.text.model_dump() == {"name": "hf", "pretrained": "/models/minilm", "freeze": True,
+                                     "dim": None}
+    assert enc.image.channels == [32, 64] and enc.image.dim == 32  # same type: merged key by key
+    (tmp_path / "lstm.yaml").write_text(
+        f"base: {DEFAULT}\nmodel: {{encoders: {{text: {{name: lstm, hidden: 8}}}}}}\n")
+    text = load_config(tmp_path / "lstm.yaml").model.encoders.text
+    assert text.hidden == 8 and text.embed_dim == 64  # the base's other lstm keys stay
+
+
+def test_imbalance_and_learning_rate_options_validate():
+    cfg = load_config(DEFAULT, ["optim.class_weights=balanced", "optim.label_smoothing=0.1",
+                                "optim.encoder_lr={image: 1.0e-4}"])
+    assert cfg.optim.class_weights == "balanced" and cfg.optim.encoder_lr == {"image": 1e-4}
+    assert load_config(DEFAULT, ["optim.encoder_lr=5e-4"]).optim.encoder_lr == 5e-4
+    for bad in ("optim.label_smoothing=1.0", "optim.class_weights=inverse", "optim.encoder_lr=-1",
+                "optim.encoder_lr={smell: 0.1}"):
+        with pytest.raises(ConfigError):
+            load_config(DEFAULT, [bad])
 
 
 def test_unknown_key_names_the_key_and_the_allowed_ones():

@@ -18,6 +18,17 @@ def test_confusion_matrix_and_report_match_hand_count():
     assert "macro-F1" in format_report(r)
 
 
+def test_balanced_accuracy_exposes_a_majority_class_predictor():
+    y_true = np.array([0] * 8 + [1, 2])
+    r = classification_report(y_true, np.zeros(10, dtype=int), ["a", "b", "c"])
+    assert r["accuracy"] == pytest.approx(0.8)
+    assert r["balanced_accuracy"] == pytest.approx(1 / 3)  # recalls 1, 0, 0
+    assert r["macro_f1"] == pytest.approx((2 * 0.8 / 1.8) / 3)  # class a: p=0.8, r=1
+    assert "balanced accuracy 0.3333" in format_report(r)
+    old = {k: v for k, v in r.items() if k != "balanced_accuracy"}  # a metrics.json from before
+    assert "balanced" not in format_report(old)
+
+
 def test_macro_f1_ignores_classes_absent_from_truth():
     r = classification_report(np.array([0, 0]), np.array([0, 1]), ["a", "b", "c"])
     assert r["macro_f1"] == pytest.approx(2 / 3)  # only class a counts: p=1, r=0.5

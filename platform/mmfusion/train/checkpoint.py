@@ -25,6 +25,8 @@ class LoopState:
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per finished epoch
     starts: list[int] = field(default_factory=list)  # the epoch each (re)start began at: [0] or [0, 3, ...]
     stopped_early: bool = False
+    majority_share: float | None = None  # accuracy of always predicting the largest train class
+    learned: bool | None = None  # did any epoch's train accuracy beat majority_share (loop.beats_majority)?
 
     def improved(self, value: float, mode: str) -> bool:
         if self.best_metric is None:

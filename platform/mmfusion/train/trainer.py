@@ -64,13 +64,19 @@ def run_training(cfg: ExperimentConfig, address: str | None = None) -> TrainRun:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
+        from mmfusion.train.worker import user_error
+
+        cause = user_error(e)  # e.g. TrainingDivergedError: show its one line, not the worker traceback
+        if cause is not None:
+            raise type(cause)(f"training run {name} failed: {cause}") from None
         raise MmfusionError(f"training run {name} failed: {e}") from None
     return export_run(result, cfg, bundle, name, storage)
 
 
 def data_info(bundle: Any) -> dict[str, Any]:
     """What the workers learn from the driver's data pass: class names, input shapes, rows per epoch."""
-    return {"labels": bundle.labels, "spec": asdict(bundle.spec), "train_rows": bundle.train_rows}
+    return {"labels": bundle.labels, "spec": asdict(bundle.spec), "train_rows": bundle.train_rows,
+            "class_counts": bundle.class_counts}  # class weights and the majority-class baseline
 
 
 def build_trainer(cfg: ExperimentConfig, datasets: dict[str, Any], info: dict[str, Any], name: str,
@@ -128,7 +134,11 @@ def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, stora
     metrics = {"run_name": name, "best_epoch": state.best_epoch, f"best_{cfg.train.metric}": state.best_metric,
                "epochs_run": state.epoch + 1, "starts": state.starts, "stopped_early": state.stopped_early,
                "history": state.history, "train_rows": bundle.train_rows, "val_rows": bundle.val_rows,
-               "rejected_rows": bundle.num_rejected}
+               "rejected_rows": bundle.num_rejected,
+               "learned": state.learned, "majority_share": state.majority_share}  # see loop.beats_majority
+    if state.learned is False:
+        log.warning("training run %s never beat the majority class share %.3f on train accuracy: the model "
+                    "predicts (nearly) one class (metrics.json: learned=false)", name, state.majority_share)
     location = cfg.train.artifact_dir or f"{storage.rstrip('/')}/{name}/artifact"
     out = staging_dir(location)  # the folder itself, or a local copy published to s3:// / gs:// at the end
     save_artifact(out, weights, cfg, bundle.labels, metrics)

@@ -2,6 +2,9 @@
 
 Ray-specific lines are marked [ray]. Every rank calls ray.train.report each epoch (it is a barrier);
 rank 0 alone writes the checkpoint. A (re)started worker group resumes from ray.train.get_checkpoint().
+
+train_loop_config: {"experiment": the resolved config as a dict, "labels": class names, "spec": InputSpec
+fields, "train_rows": int, "class_counts": train rows per class (class weights, majority-class baseline)}.
 """
 
 from __future__ import annotations
@@ -14,10 +17,20 @@ from typing import Any
 
 import torch
 
-from mmfusion.config import validate_config
 from mmfusion.models.spec import InputSpec
+from mmfusion.config import validate_config
+from mmfusion.errors import ConfigError, MmfusionError
 from mmfusion.train.checkpoint import LoopState, load_checkpoint, save_checkpoint
-from mmfusion.train.loop import build_optimizer, build_scheduler, evaluate, train_one_epoch
+from mmfusion.train.loop import (
+    beats_majority,
+    build_optimizer,
+    build_scheduler,
+    class_weights,
+    evaluate,
+    majority_share,
+    param_groups,
+    train_one_epoch,
+)
 
 log = logging.getLogger("mmfusion.train")
 
@@ -35,6 +48,21 @@ def _quiet_ray_train_logs() -> None:
         logging.getLogger(_ctx.__file__).setLevel(logging.WARNING)
     except ImportError:
         pass
+
+
+def user_error(e: BaseException) -> MmfusionError | None:
+    """The MmfusionError a worker raised, out of Ray Train's TrainingFailedError (None when there is none).
+
+    Ray Train V2 wraps worker exceptions in WorkerGroupError.worker_failures (rank -> exception); the user
+    should read our one-line message (e.g. the diverged loss's epoch and step), not a worker traceback.
+    """
+    failures = getattr(e, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        err = failures[rank]
+        err = getattr(err, "_base_exc", err)  # UserExceptionWithTraceback, when not unwrapped already
+        if isinstance(err, MmfusionError):
+            return err
+    return None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +86,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
 
     model = build_model(cfg.model, spec, num_classes=len(labels))
-    optimizer = build_optimizer(model.parameters(), oc.name, oc.lr, oc.weight_decay, oc.momentum)
+    optimizer = build_optimizer(param_groups(model, oc.lr, oc.weight_decay, oc.encoder_lr), oc.name, oc.lr,
+                                oc.weight_decay, oc.momentum)
+    counts: list[int] = list(config.get("class_counts") or [])
+    if oc.class_weights != "none" and len(counts) != len(labels):
+        raise ConfigError(f"optim.class_weights={oc.class_weights} needs the train split's class counts "
+                          f"(got {len(counts)} for {len(labels)} classes)")
+    weight = class_weights(counts, oc.class_weights)  # (K,) or None
+    if weight is not None:
+        shown = (f"{lab} {w:.2f}" for lab, w in zip(labels, weight.tolist(), strict=True))
+        log.info("class weights: %s", ", ".join(shown))
+    share = majority_share(counts) if len(counts) == len(labels) else None
     steps_per_epoch = max(1, math.ceil(config["train_rows"] / (tc.batch_size * world)))
     scheduler = build_scheduler(optimizer, oc.scheduler, steps_per_epoch * tc.epochs,
                                 warmup_steps=int(oc.warmup_epochs * steps_per_epoch))
@@ -81,11 +119,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start, tc.epochs):
         if state.stopped_early:
             break
-        tr = train_one_epoch(model, iter_torch_batches(train_shard, tc.batch_size, shuffle_seed=cfg.seed + epoch),
-                             optimizer, scheduler, device, tc.precision, oc.grad_clip)
-        va = evaluate(model, iter_torch_batches(val_shard, tc.batch_size), device, tc.precision)
+        batches = iter_torch_batches(train_shard, tc.batch_size, shuffle_seed=cfg.seed + epoch)
+        tr = train_one_epoch(model, batches, optimizer, scheduler, device, tc.precision, oc.grad_clip,
+                             epoch=epoch, class_weight=weight, label_smoothing=oc.label_smoothing,
+                             num_classes=len(labels))
+        va = evaluate(model, iter_torch_batches(val_shard, tc.batch_size), device, tc.precision,
+                      num_classes=len(labels))
         metrics = {"epoch": epoch, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
-                   "val_accuracy": va.accuracy, "lr": scheduler.get_last_lr()[0],
+                   "val_accuracy": va.accuracy, "val_macro_f1": va.macro_f1,
+                   "val_balanced_accuracy": va.balanced_accuracy,
+                   "lr": oc.lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0],  # the head's (optim.lr)
                    "samples_per_s": tr.samples_per_s, "world_size": world}
         value = metrics.get(tc.metric)
         if value is None:
@@ -97,9 +140,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         state.epoch = epoch
         state.history.append(metrics)
         state.stopped_early = bool(tc.early_stopping_patience and state.bad_epochs >= tc.early_stopping_patience)
-        log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.0f samples/s%s",
-                 epoch + 1, tc.epochs, tr.loss, tr.accuracy, va.loss, va.accuracy, tr.samples_per_s,
-                 "  (early stop)" if state.stopped_early else "")
+        if share is not None:  # the verdict so far; the last checkpoint's is the run's (metrics.json)
+            state.majority_share = share
+            state.learned = beats_majority([h["train_accuracy"] for h in state.history], share)
+        log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | "
+                 "%.0f samples/s%s", epoch + 1, tc.epochs, tr.loss, tr.accuracy, va.loss, va.accuracy,
+                 va.macro_f1, tr.samples_per_s, "  (early stop)" if state.stopped_early else "")
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
@@ -107,4 +153,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, state)
                 checkpoint = ray.train.Checkpoint.from_directory(d)  # [ray]
             ray.train.report(metrics, checkpoint=checkpoint)  # [ray] every rank reports
+    if state.learned is False and rank == 0:
+        log.warning("train accuracy never beat the majority class share %.3f (best %.3f): the model predicts "
+                    "(nearly) one class. Try optim.class_weights=balanced, a lower optim.lr or "
+                    "optim.encoder_lr, or check the inputs (mmfusion data inspect)", state.majority_share,
+                    max(h["train_accuracy"] for h in state.history))
     return {"epoch": state.epoch, "starts": state.starts}

@@ -26,11 +26,17 @@ MAX_GRID = 7  # conv features are average-pooled to at most 7x7 before the flatt
 
 
 class ConvStack(nn.Module):
-    """Conv3x3 -> ReLU -> MaxPool2 per stage, then Flatten -> Dropout -> Linear -> ReLU: `(B, C, H, W) -> (B, dim)`.
+    """Conv3x3 -> BatchNorm -> ReLU -> MaxPool2 per stage, then Flatten -> Dropout -> Linear -> ReLU:
+    `(B, C, H, W) -> (B, dim)`.
 
     With channels [32, 64] on a 28x28 input this is the classic MNIST Conv(32)-Conv(64)-Flatten-Dense(128)
     baseline (pooling after each conv keeps it cheap on CPU): 28 -> 14 -> 7, flatten 64*7*7 = 3136 -> 128.
     Inputs larger than that are average-pooled to at most 7x7 after the last stage.
+
+    BatchNorm after every conv keeps activations at unit scale whatever the input statistics (RGB with a
+    rough mean/std, log-mel in any units), so the stack trains from scratch at the usual learning rates.
+    It is safe with what the model feeds it: DDP keeps per-rank statistics, rows without the modality never
+    reach the encoder (FusionModel._encode_rows), and eval mode (serving, batch size 1) uses running stats.
     """
 
     def __init__(self, in_channels: int, in_hw: tuple[int, int], channels: list[int], dim: int,
@@ -43,8 +49,8 @@ class ConvStack(nn.Module):
         c_in = in_channels
         for c in channels:
             kh, kw = (2 if h >= 2 else 1), (2 if w >= 2 else 1)
-            layers += [nn.Conv2d(c_in, c, kernel_size=3, padding=1), nn.ReLU(inplace=True),
-                       nn.MaxPool2d((kh, kw))]
+            layers += [nn.Conv2d(c_in, c, kernel_size=3, padding=1, bias=False),  # BatchNorm adds the bias
+                       nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d((kh, kw))]
             h, w, c_in = h // kh, w // kw, c
         self.grid = (min(h, MAX_GRID), min(w, MAX_GRID))
         layers.append(nn.AdaptiveAvgPool2d(self.grid))  # identity at MNIST size

@@ -1,6 +1,6 @@
 """Audio encoders: `(B, 1, F, T)` float32 log-mel or MFCC frames -> `(B, D)`.
 
-    CnnAudioEncoder  per-clip standardization, then the conv stack (Conv-ReLU-MaxPool per stage) and a Linear
+    CnnAudioEncoder  per-clip standardization, then the conv stack (Conv-BN-ReLU-MaxPool per stage), a Linear
     HfAudioEncoder   a Hugging Face Audio Spectrogram Transformer (ASTModel) over the same features
 
 Which Hugging Face audio models fit: our pipeline hands the model spectrogram features, not waveforms, so

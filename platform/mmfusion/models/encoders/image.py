@@ -1,6 +1,6 @@
 """Image encoders: `(B, C, H, W)` float32 normalized pixels -> `(B, D)`.
 
-    CnnImageEncoder     the classic Conv(32)-Conv(64)-Flatten baseline, sized for small (MNIST-like) images
+    CnnImageEncoder     Conv(32)-Conv(64)-Flatten with BatchNorm; small images (average-pooled to 7x7)
     ResnetImageEncoder  torchvision ResNet-18/34/50; weights from a local file or torchvision's named weights
     HfImageEncoder      a Hugging Face vision encoder (ViT, DINOv2, CLIP's or SigLIP's vision tower, ...)
 
