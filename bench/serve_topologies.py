@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 
 def _records(data: str, split: str, modalities: list[str], limit: int) -> list[dict[str, Any]]:
-    from mmfusion.data.records import iter_records
+    from mmfusion.data.readers import iter_records
 
     rows: list[dict[str, Any]] = []
     for tb in iter_records(data, split, modalities=modalities):
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
+    from mmfusion.artifact import read_artifact_info
     from mmfusion.runtime import init_ray
-    from mmfusion.serving.artifacts import read_info
     from mmfusion.serving.config import check_serve_config, load_serve_config, prepare_config
     from mmfusion.serving.server import deploy_config
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
            "applications": apps}
     init_ray()
     deploy_config(check_serve_config(raw, "bench config"))
-    modalities = read_info(args.artifact).modalities
+    modalities = read_artifact_info(args.artifact).modalities
     items = _records(args.data, args.split, modalities, 1000)
     clients = {t: Client(f"http://127.0.0.1:{port}/{t}") for t in TOPOLOGIES}
     for c in clients.values():  # warm-up: first batches pay for lazy initialisation

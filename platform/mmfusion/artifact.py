@@ -7,7 +7,11 @@
       metrics.json        training history, best epoch, evaluation results
       *.png               training curves, confusion matrices
 
-Training, evaluation, batch prediction and serving all load artifacts through `load_artifact`.
+config.yaml and labels.json are parsed in one place, `read_artifact_info`, which imports no torch: the serving
+ingress uses it to validate requests and describe the model. `load_artifact` adds the model (torch is imported
+then); training's export, `mmfusion evaluate`, `mmfusion predict` and the serving replicas load it that way.
+An artifact given as a remote URI (s3://, gs://) is copied once into a node-local cache folder
+(`localize_artifact`); a local path or a file:// URI is used in place.
 """
 
 from __future__ import annotations
@@ -23,18 +27,20 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from mmfusion import storage
 from mmfusion.config import ExperimentConfig, validate_config
 from mmfusion.errors import ArtifactError, ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-    from mmfusion.models.spec import InputSpec
+    from mmfusion.batch import InputSpec
 
 log = logging.getLogger(__name__)
 
 WEIGHTS, CONFIG, LABELS, METRICS = "model.safetensors", "config.yaml", "labels.json", "metrics.json"
 REQUIRED = (WEIGHTS, CONFIG, LABELS)
+CACHE_ENV = "MMFUSION_ARTIFACT_CACHE"  # where URI artifacts are copied (default: ~/.cache/mmfusion/artifacts)
 
 
 def save_artifact(out: str | Path, state_dict: dict[str, torch.Tensor], cfg: ExperimentConfig,
@@ -75,16 +81,6 @@ def update_metrics(path: str | Path, **entries: Any) -> dict[str, Any]:
     return m
 
 
-@dataclass
-class Artifact:
-    path: Path
-    cfg: ExperimentConfig
-    labels: list[str]
-    spec: InputSpec
-    model: torch.nn.Module  # eval mode, CPU
-    metrics: dict[str, Any]
-
-
 def check_artifact(path: str | Path) -> Path:
     p = Path(path)
     if not p.is_dir():
@@ -95,26 +91,98 @@ def check_artifact(path: str | Path) -> Path:
     return p
 
 
-def load_artifact(path: str | Path, device: str = "cpu") -> Artifact:
+def localize_artifact(location: str | Path) -> Path:
+    """A local artifact folder for `location`: a path or file:// URI as it is (not copied), a remote URI
+    (s3://, gs://) copied once per node into the cache folder (MMFUSION_ARTIFACT_CACHE), so every replica
+    loads the same bytes."""
+    location = str(location)
+    try:
+        path = storage.localize(location, REQUIRED, (METRICS,), kind="artifacts",
+                                cache_root=os.environ.get(CACHE_ENV) or None)
+    except FileNotFoundError as e:  # a remote folder without a required file
+        raise ArtifactError(f"{location} is not an mmfusion artifact: {e}") from None
+    except OSError as e:
+        raise ArtifactError(f"cannot copy the artifact {location}: {e}") from None
+    return check_artifact(path)
+
+
+# ------------------------------------------------------------------------------------ torch-free reading
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What the ingress needs to validate requests and describe the model, read without building it."""
+
+    path: Path
+    cfg: ExperimentConfig
+    labels: list[str]
+    metrics: dict[str, Any]
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.cfg.data.modalities)
+
+    def input_limits(self) -> dict[str, dict[str, Any]]:
+        d = self.cfg.data
+        limits: dict[str, dict[str, Any]] = {}
+        if "image" in self.modalities:
+            limits["image"] = {"size": d.image.size, "channels": d.image.channels,
+                               "note": "any size: resized to size x size"}
+        if "text" in self.modalities:
+            limits["text"] = {"max_tokens": d.text.max_length, "tokenizer": d.text.tokenizer,
+                              "note": "longer texts are truncated (reported in 'truncated')"}
+        if "audio" in self.modalities:
+            limits["audio"] = {"sample_rate": d.audio.sample_rate, "max_seconds": d.audio.max_seconds,
+                               "note": "resampled; longer clips are cut (reported in 'truncated')"}
+        return limits
+
+    def evaluation(self) -> dict[str, Any]:
+        """{split: {accuracy, macro_f1, num_samples}} from metrics.json, when the artifact was evaluated."""
+        out = {}
+        for split, rep in (self.metrics.get("evaluation") or {}).items():
+            if isinstance(rep, dict):
+                out[split] = {k: rep[k] for k in ("accuracy", "macro_f1", "num_samples") if k in rep}
+        return out
+
+
+def read_artifact_info(location: str | Path) -> ArtifactInfo:
+    """Parse config.yaml and labels.json (the only place they are parsed). No torch is imported."""
+    path = localize_artifact(location)
+    try:
+        cfg = validate_config(yaml.safe_load((path / CONFIG).read_text()), source=str(path / CONFIG))
+        labels = json.loads((path / LABELS).read_text())
+    except (ConfigError, yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    if not isinstance(labels, list) or len(labels) < 2:
+        raise ArtifactError(f"{path / LABELS} must list at least two class names")
+    return ArtifactInfo(path.absolute(), cfg, [str(x) for x in labels], read_metrics(path))
+
+
+# ---------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Artifact:
+    path: Path
+    cfg: ExperimentConfig
+    labels: list[str]
+    spec: InputSpec
+    model: torch.nn.Module  # eval mode, on the device it was loaded to
+    metrics: dict[str, Any]
+
+
+def load_artifact(location: str | Path, device: str = "cpu") -> Artifact:
     """Rebuild the model from config.yaml and load the safetensors weights (strict: every key must match)."""
     from safetensors.torch import load_file
 
-    from mmfusion.data.preprocess import input_spec
+    from mmfusion.data.preprocessor import input_spec
     from mmfusion.models.model import build_model
 
-    if is_remote(str(path)):  # s3://, gs://: copied once into the node's cache
-        from mmfusion.serving.artifacts import localize
-
-        path = localize(str(path))
-    p = check_artifact(path)
-    try:
-        cfg = validate_config(yaml.safe_load((p / CONFIG).read_text()), source=str(p / CONFIG))
-    except (ConfigError, yaml.YAMLError) as e:
-        raise ArtifactError(f"{p / CONFIG}: {e}") from None
-    labels = json.loads((p / LABELS).read_text())
-    spec = input_spec(cfg.data)
+    info = read_artifact_info(location)
+    p = info.path
+    spec = input_spec(info.cfg.data)
     # load_weights=False: no pretrained download or file read, the artifact's weights replace them anyway
-    model = build_model(cfg.model, spec, num_classes=len(labels), load_weights=False)
+    model = build_model(info.cfg.model, spec, num_classes=len(info.labels), load_weights=False)
     try:
         state = load_file(str(p / WEIGHTS), device=device)
     except Exception as e:  # safetensors raises its own error types for corrupt files
@@ -124,38 +192,4 @@ def load_artifact(path: str | Path, device: str = "cpu") -> Artifact:
     except RuntimeError as e:
         raise ArtifactError(f"{p / WEIGHTS} does not match the model in config.yaml: {e}") from None
     model.to(device).eval()
-    return Artifact(p.absolute(), cfg, labels, spec, model, read_metrics(p))
-
-
-def is_remote(location: str) -> bool:
-    """s3://, gs://, ... (file:// and plain paths are local)."""
-    from urllib.parse import urlparse
-
-    scheme = urlparse(str(location)).scheme
-    return len(scheme) > 1 and scheme != "file"
-
-
-def staging_dir(location: str) -> Path:
-    """Where to write files bound for `location`: the folder itself when local, else a local cache folder
-    (published with `publish`). Multi-node runs keep their storage on s3:// or gs://."""
-    if not is_remote(location):
-        return Path(str(location).removeprefix("file://")).expanduser().absolute()
-    import hashlib
-
-    key = hashlib.sha256(location.encode()).hexdigest()[:16]
-    return Path.home() / ".cache" / "mmfusion" / "staging" / f"{Path(location.rstrip('/')).name}-{key}"
-
-
-def publish(local: Path, location: str) -> str:
-    """Copy a staged folder to a remote `location` (pyarrow filesystems); a no-op for local locations."""
-    if not is_remote(location):
-        return str(local)
-    import pyarrow.fs as pafs
-
-    from mmfusion.data.records import filesystem
-
-    fs, inner = filesystem(location)
-    fs.create_dir(inner, recursive=True)
-    pafs.copy_files(str(local), inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    log.info("published %s to %s", local, location)
-    return location
+    return Artifact(p, info.cfg, info.labels, spec, model, info.metrics)

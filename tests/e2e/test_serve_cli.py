@@ -19,7 +19,7 @@ import requests
 from tests.unit.test_serving_engine import make_artifact
 
 from mmfusion.artifact import load_artifact
-from mmfusion.data.records import read_records
+from mmfusion.data.readers import read_records
 from mmfusion.evaluate.report import predict_split
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from mmfusion.data import records
+from mmfusion.data import readers
 from mmfusion.data.avt_digits import build_avt_digits
 
 pytestmark = pytest.mark.integration
@@ -45,9 +45,9 @@ def test_small_build_card_matches_and_the_platform_reader_accepts_it(avt_small: 
     assert len(card["generation"]["espeak_voice_settings"]["train"]) >= 80  # many voices, rates and pitches
     assert card["splits"]["test"]["audio_voices"].keys() == {f"asterisk:{v}" for v in
                                                             card["generation"]["asterisk_voices"]}
-    files = records.discover(str(avt_small))
+    files = readers.discover(str(avt_small))
     assert sorted((f.split, Path(f.location).name) for f in files) == [
         ("test", "test.parquet"), ("train", "train.parquet"), ("val", "val.parquet")]  # _provenance is skipped
-    summary = records.summarize(str(avt_small), "label")
+    summary = readers.summarize(str(avt_small), "label")
     assert summary.rows == {"train": 3500, "val": 500, "test": 1000}
     assert {"id", "split", "image", "text", "audio", "label"} <= summary.columns

@@ -12,7 +12,7 @@ import torch
 from tests.unit.test_records import acceptance_manifest
 
 from mmfusion.config import DataConfig, load_config
-from mmfusion.data import pipeline, records
+from mmfusion.data import pipeline, rejects
 from mmfusion.data.pipeline import build_datasets, iter_torch_batches
 from mmfusion.errors import DataError
 
@@ -35,11 +35,11 @@ def test_acceptance3_bad_rows_rejected_good_rows_flow(ray_local, tmp_path: Path,
 
     assert (bundle.num_rows, bundle.num_rejected) == (16, 4)
     assert bundle.rejects_path == tmp_path / "manifest.rejects.jsonl"
-    rejects = {r["id"]: (r["modality"], r["reason"]) for r in records.read_rejects(bundle.rejects_path)}
-    assert rejects["trunc"][0] == "image" and "truncated" in rejects["trunc"][1]
-    assert rejects["emptywav"] == ("audio", "empty (0 bytes)")
-    assert rejects["missing"][0] == "image" and rejects["missing"][1].startswith("file not found")
-    assert rejects["latin1"][0] == "text" and "not valid UTF-8" in rejects["latin1"][1]
+    rejected = {r["id"]: (r["modality"], r["reason"]) for r in rejects.read_rejects(bundle.rejects_path)}
+    assert rejected["trunc"][0] == "image" and "truncated" in rejected["trunc"][1]
+    assert rejected["emptywav"] == ("audio", "empty (0 bytes)")
+    assert rejected["missing"][0] == "image" and rejected["missing"][1].startswith("file not found")
+    assert rejected["latin1"][0] == "text" and "not valid UTF-8" in rejected["latin1"][1]
 
     # no val split in the manifest: 25% of the 12 good train rows, by a seeded id hash
     assert (bundle.train_rows, bundle.val_rows, bundle.test) == (9, 3, None)
@@ -62,7 +62,7 @@ def test_too_many_bad_rows_stop_the_run(ray_local, tmp_path: Path):
     msg = str(e.value)
     assert "4 of 10 rows (40.0%)" in msg and "max_bad_fraction=0.1" in msg
     assert str(tmp_path / "manifest.rejects.jsonl") in msg
-    assert len(records.read_rejects(tmp_path / "manifest.rejects.jsonl")) == 4
+    assert len(rejects.read_rejects(tmp_path / "manifest.rejects.jsonl")) == 4
 
 
 def test_configured_modality_absent_from_the_data(tmp_path: Path):

@@ -33,7 +33,7 @@ def _trained_model(run_dir: Path, epoch: int, cfg) -> torch.nn.Module:
     (not from the artifact), in a freshly built model."""
     import json
 
-    from mmfusion.data.preprocess import input_spec
+    from mmfusion.data.preprocessor import input_spec
     from mmfusion.models.model import build_model
     from mmfusion.train.checkpoint import load_model_state
 

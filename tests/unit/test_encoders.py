@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from mmfusion.batch import InputSpec
 from mmfusion.config import (
     CnnAudioEncoderConfig,
     CnnImageEncoderConfig,
@@ -23,7 +24,6 @@ from mmfusion.config import (
 from mmfusion.errors import ConfigError
 from mmfusion.models.encoders.image import ResnetImageEncoder, _torchvision_weights
 from mmfusion.models.model import ENCODERS
-from mmfusion.models.spec import InputSpec
 
 SPEC = InputSpec(modalities=("image", "text", "audio"), image_shape=(1, 16, 16), vocab_size=259, pad_id=0,
                  max_text_len=12, audio_shape=(1, 16, 24))

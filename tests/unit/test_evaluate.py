@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from tests.unit.test_serving_engine import make_artifact
 
 from mmfusion.artifact import load_artifact
 from mmfusion.errors import ArtifactError, DataError
 from mmfusion.evaluate.report import evaluate_artifact, predict_split
-from tests.unit.test_serving_engine import make_artifact
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +51,13 @@ def test_evaluate_bad_inputs(artifact, avt_tiny, tmp_path):
 def test_remote_artifact_locations_are_staged_then_published(tmp_path, monkeypatch, artifact):
     import pyarrow.fs as pafs
 
-    import mmfusion.data.records as records
-    from mmfusion.artifact import is_remote, publish, staging_dir
+    from mmfusion import storage
+    from mmfusion.storage import is_remote, publish, staging_dir
 
     assert is_remote("s3://b/run/artifact") and not is_remote("file:///x") and not is_remote("runs/a")
     assert staging_dir("runs/a") == (tmp_path.cwd() / "runs" / "a")
     bucket = tmp_path / "bucket"
-    monkeypatch.setattr(records, "filesystem", lambda loc: (pafs.LocalFileSystem(),
+    monkeypatch.setattr(storage, "filesystem", lambda loc: (pafs.LocalFileSystem(),
                                                             str(bucket / loc.split("://", 1)[1])))
     assert publish(artifact, "s3://b/run/artifact") == "s3://b/run/artifact"
     assert (bucket / "b/run/artifact/model.safetensors").read_bytes() == (artifact / "model.safetensors").read_bytes()

@@ -13,6 +13,7 @@ import itertools
 import pytest
 import torch
 
+from mmfusion.batch import InputSpec
 from mmfusion.config import ModelConfig
 from mmfusion.errors import ConfigError
 from mmfusion.models.fusion import (
@@ -24,7 +25,6 @@ from mmfusion.models.fusion import (
     TensorFusion,
 )
 from mmfusion.models.model import ENCODERS, FUSIONS, FusionModel, build_model
-from mmfusion.models.spec import InputSpec
 
 ALL = ("image", "text", "audio")
 SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(ALL, r)]

@@ -91,7 +91,7 @@ def test_summary_frozen_backbone_is_not_trainable(tmp_path: Path) -> None:
 def test_cli_model_summary_on_the_default_config(repo_root: Path, capsys: pytest.CaptureFixture[str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from mmfusion.config import load_config
-    from mmfusion.data.preprocess import input_spec
+    from mmfusion.data.preprocessor import input_spec
     from mmfusion.models.model import build_model
     from mmfusion.models.summary import num_classes_of
 

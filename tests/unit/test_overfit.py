@@ -37,8 +37,9 @@ def tiny_config(repo_root: Path, data: Path, *overrides: str) -> ExperimentConfi
 
 @pytest.fixture(scope="module")
 def fixed_batch(avt_tiny: Path, repo_root: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    from mmfusion.data.preprocess import Preprocessor
-    from mmfusion.data.records import read_records, sort_labels
+    from mmfusion.data.labels import sort_labels
+    from mmfusion.data.preprocessor import Preprocessor
+    from mmfusion.data.readers import read_records
 
     cfg = tiny_config(repo_root, avt_tiny)
     table = read_records(str(avt_tiny), split="train")
@@ -59,7 +60,7 @@ def test_fusion_overfits_a_fixed_batch(fixed_batch: tuple[dict[str, torch.Tensor
                                        repo_root: Path, fusion: str) -> None:
     batch, labels = fixed_batch
     cfg = tiny_config(repo_root, avt_tiny, f"model.fusion.name={fusion}")
-    from mmfusion.data.preprocess import input_spec
+    from mmfusion.data.preprocessor import input_spec
 
     torch.manual_seed(0)
     model = build_model(cfg.model, input_spec(cfg.data), num_classes=len(labels))

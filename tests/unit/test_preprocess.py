@@ -13,17 +13,11 @@ import soundfile as sf
 from PIL import Image
 
 from mmfusion.config import AudioPreprocessConfig, DataConfig, ImagePreprocessConfig, TextPreprocessConfig
-from mmfusion.data.preprocess import (
-    ByteTokenizer,
-    DecodeError,
-    Preprocessor,
-    input_spec,
-    load_tokenizer,
-    preprocess_audio,
-    preprocess_image,
-    preprocess_text,
-)
-from mmfusion.errors import ConfigError, DataError
+from mmfusion.data.audio import preprocess_audio
+from mmfusion.data.image import preprocess_image
+from mmfusion.data.preprocessor import Preprocessor, input_spec
+from mmfusion.data.text import ByteTokenizer, load_tokenizer, preprocess_text
+from mmfusion.errors import ConfigError, DataError, DecodeError
 
 
 def png(value: int = 128, size: tuple[int, int] = (20, 20), mode: str = "L", fmt: str = "PNG") -> bytes:

@@ -14,8 +14,9 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from mmfusion.data import records
+from mmfusion.data import readers, rejects, schema
 from mmfusion.data.inspect import inspect_dataset
+from mmfusion.data.labels import sort_labels
 from mmfusion.errors import DataError
 
 
@@ -70,8 +71,8 @@ def test_parquet_bytes_columns(tmp_path: Path):
         "audio": pa.array([aud, aud, None], pa.binary()),
         "label": pa.array([1, 2, 10], pa.int64()),
     }), tmp_path / "data.parquet")
-    tb = records.read_records(str(tmp_path / "data.parquet"))
-    assert tb.schema == records.RECORD_SCHEMA
+    tb = readers.read_records(str(tmp_path / "data.parquet"))
+    assert tb.schema == schema.RECORD_SCHEMA
     assert tb["image"].to_pylist() == [img, None, img]
     assert tb["audio"].to_pylist() == [aud, aud, None]
     assert tb["text"].to_pylist() == ["one", "two", None]
@@ -79,7 +80,7 @@ def test_parquet_bytes_columns(tmp_path: Path):
     assert tb["split"].to_pylist() == ["train"] * 3  # a single file without a split column
     assert tb["id"].to_pylist() == ["data.parquet:0", "data.parquet:1", "data.parquet:2"]
     assert tb["row"].to_pylist() == [0, 1, 2] and set(tb["error"].to_pylist()) == {""}
-    assert records.read_records(f"file://{tmp_path}").equals(tb)  # a file:// URI names the same data
+    assert readers.read_records(f"file://{tmp_path}").equals(tb)  # a file:// URI names the same data
 
 
 def test_parquet_path_columns_relative_and_absolute(tmp_path: Path):
@@ -91,7 +92,7 @@ def test_parquet_path_columns_relative_and_absolute(tmp_path: Path):
     sub.mkdir()
     pq.write_table(pa.table({"image": ["../img/a.png", None], "audio": [str(abs_wav), f"file://{abs_wav}"],
                              "label": ["x", "y"]}), sub / "train.parquet")
-    tb = records.read_records(str(sub))
+    tb = readers.read_records(str(sub))
     assert tb["image"].to_pylist() == [png(1), None]  # relative to the Parquet file's folder
     assert tb["audio"].to_pylist() == [wav(), wav()]  # absolute path and file:// URI
     assert tb["text"].to_pylist() == [None, None]  # absent column = missing modality
@@ -101,7 +102,7 @@ def test_parquet_path_columns_relative_and_absolute(tmp_path: Path):
 def test_parquet_binary_text_bad_utf8_rejects_only_that_row(tmp_path: Path):
     pq.write_table(pa.table({"text": pa.array([b"ok", b"caf\xe9", None], pa.binary()), "label": [0, 1, 0]}),
                    tmp_path / "t.parquet")
-    tb = records.read_records(str(tmp_path / "t.parquet"))
+    tb = readers.read_records(str(tmp_path / "t.parquet"))
     assert tb["text"].to_pylist() == ["ok", None, None]
     assert tb["error"].to_pylist() == ["", "text: not valid UTF-8 (byte 0xe9 at position 3)", ""]
 
@@ -111,7 +112,7 @@ def test_hf_datasets_struct_columns(tmp_path: Path):
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     pq.write_table(pa.table({"image": pa.array([{"bytes": png(2), "path": None}, {"bytes": None, "path": "b.png"}],
                                                struct), "label": [0, 1]}), tmp_path / "train-00000-of-00001.parquet")
-    tb = records.read_records(str(tmp_path))
+    tb = readers.read_records(str(tmp_path))
     assert tb["image"].to_pylist() == [png(2), png(3)]
     assert tb["split"].to_pylist() == ["train", "train"]
 
@@ -128,7 +129,7 @@ def test_jsonl_paths_missing_columns_and_bad_lines(tmp_path: Path):
         {"image": "gone.png", "label": "cat"},
         {"image": 5, "label": "cat"},
     ])
-    tb = records.read_records(str(path))
+    tb = readers.read_records(str(path))
     assert tb.num_rows == 8 and tb["row"].to_pylist() == list(range(8))
     assert tb["image"].to_pylist()[:3] == [png(), None, None]
     assert tb["text"].to_pylist()[:3] == ["hello", "no image here", None]
@@ -152,7 +153,7 @@ def test_csv_empty_fields_are_missing_and_bad_bytes_reject_one_row(tmp_path: Pat
             b"\n"
             b"r5,a.wav,,10\n")
     (tmp_path / "m.csv").write_bytes(data)
-    tb = records.read_records(str(tmp_path / "m.csv"), label_column="digit")
+    tb = readers.read_records(str(tmp_path / "m.csv"), label_column="digit")
     assert tb["id"].to_pylist() == ["r1", "r2", "r3", "m.csv:3", "r5"]
     assert tb["text"].to_pylist() == ["one, with a comma", "two", None, None, None]
     assert tb["audio"].to_pylist() == [wav(), None, None, None, wav()]
@@ -175,45 +176,45 @@ def test_split_files_folder_and_split_column(tmp_path: Path):
     pq.write_table(pa.table({"text": ["d"], "label": [1]}), ds / "test" / "part-0.parquet")
     write_jsonl(ds / "rejects.jsonl", [{"id": "x", "reason": "old"}])  # our own output: never data
     (ds / "data_card.json").write_text("{}")
-    files = records.discover(str(ds))
+    files = readers.discover(str(ds))
     assert [(f.name, f.split) for f in files] == [("train.parquet", "train"), ("validation.jsonl", "val"),
                                                    ("test/part-0.parquet", "test")]
-    s = records.summarize(str(ds))
+    s = readers.summarize(str(ds))
     assert s.rows == {"train": 2, "val": 1, "test": 1}
     assert s.labels == ["2", "10"]  # train labels only, sorted numerically
     assert s.columns == {"text", "label"}
-    assert records.read_records(str(ds), split="val")["text"].to_pylist() == ["c"]
+    assert readers.read_records(str(ds), split="val")["text"].to_pylist() == ["c"]
 
     manifest = write_jsonl(tmp_path / "one.jsonl", [{"text": "a", "label": "b", "split": "TRAIN"},
                                                      {"text": "b", "label": "a", "split": "validation"},
                                                      {"text": "c", "label": "z", "split": "test"},
                                                      {"text": "d", "label": "c"}])
-    s = records.summarize(str(manifest))
+    s = readers.summarize(str(manifest))
     assert s.rows == {"train": 2, "val": 1, "test": 1}
     assert s.labels == ["b", "c"]
-    assert records.read_records(str(manifest))["split"].to_pylist() == ["train", "val", "test", "train"]
+    assert readers.read_records(str(manifest))["split"].to_pylist() == ["train", "val", "test", "train"]
 
 
 def test_sort_labels():
-    assert records.sort_labels(["10", "9", "1", None, "9"]) == ["1", "9", "10"]
-    assert records.sort_labels(["b", "a", "10"]) == ["10", "a", "b"]
+    assert sort_labels(["10", "9", "1", None, "9"]) == ["1", "9", "10"]
+    assert sort_labels(["b", "a", "10"]) == ["10", "a", "b"]
 
 
 def test_missing_dataset_and_unsupported_file(tmp_path: Path):
     with pytest.raises(DataError, match="dataset not found"):
-        records.discover(str(tmp_path / "nope"))
+        readers.discover(str(tmp_path / "nope"))
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DataError, match="unsupported file type"):
-        records.discover(str(tmp_path / "x.txt"))
+        readers.discover(str(tmp_path / "x.txt"))
     with pytest.raises(DataError, match="no Parquet, JSONL or CSV files"):
-        records.discover(str(tmp_path))
+        readers.discover(str(tmp_path))
 
 
 def test_manifest_units_cover_every_row_once(tmp_path: Path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"text": str(i), "label": i} for i in range(10)])
-    units = records.plan_units(records.discover(str(path)), manifest_rows=4)
+    units = readers.plan_units(readers.discover(str(path)), manifest_rows=4)
     assert [(u.row_offset, u.num_rows) for u in units] == [(0, 4), (4, 4), (8, 2)]
-    rows = [r for u in units for tb in records.read_unit(records.ReadUnit.from_row(u.as_row()))
+    rows = [r for u in units for tb in readers.read_unit(readers.ReadUnit.from_row(u.as_row()))
             for r in tb["row"].to_pylist()]
     assert rows == list(range(10))
 
@@ -223,43 +224,43 @@ def test_manifest_units_cover_every_row_once(tmp_path: Path):
 
 def test_rejects_writer_and_bad_fraction(tmp_path: Path):
     out = tmp_path / "r" / "rejects.jsonl"
-    n = records.write_rejects(out, [
+    n = rejects.write_rejects(out, [
         {"id": "b", "split": "val", "row": 7, "source": "/d/m.jsonl", "error": "audio: empty (0 bytes)"},
         {"id": "a", "split": "train", "row": 2, "source": "/d/m.jsonl", "error": "record: line 3 is not valid JSON"},
     ])
     assert n == 2
-    assert records.read_rejects(out) == [
+    assert rejects.read_rejects(out) == [
         {"id": "a", "split": "train", "row": 2, "source": "/d/m.jsonl", "modality": "record",
          "reason": "line 3 is not valid JSON"},
         {"id": "b", "split": "val", "row": 7, "source": "/d/m.jsonl", "modality": "audio", "reason": "empty (0 bytes)"},
     ]
-    assert records.check_bad_fraction(1, 100, 0.01, out) == pytest.approx(0.01)
+    assert rejects.check_bad_fraction(1, 100, 0.01, out) == pytest.approx(0.01)
     with pytest.raises(DataError) as e:
-        records.check_bad_fraction(2, 100, 0.01, out)
+        rejects.check_bad_fraction(2, 100, 0.01, out)
     assert "2 of 100 rows (2.0%)" in str(e.value) and "max_bad_fraction=0.01" in str(e.value) and str(out) in str(e.value)
 
 
 def test_default_rejects_path(tmp_path: Path):
     (tmp_path / "m.jsonl").write_text("")
-    assert records.default_rejects_path(str(tmp_path)) == tmp_path / "rejects.jsonl"
-    assert records.default_rejects_path(str(tmp_path / "m.jsonl")) == tmp_path / "m.rejects.jsonl"
-    assert records.default_rejects_path(str(tmp_path), "elsewhere/r.jsonl") == Path("elsewhere/r.jsonl").absolute()
+    assert rejects.default_rejects_path(str(tmp_path)) == tmp_path / "rejects.jsonl"
+    assert rejects.default_rejects_path(str(tmp_path / "m.jsonl")) == tmp_path / "m.rejects.jsonl"
+    assert rejects.default_rejects_path(str(tmp_path), "elsewhere/r.jsonl") == Path("elsewhere/r.jsonl").absolute()
     with pytest.raises(DataError, match="must be a local path"):
-        records.default_rejects_path(str(tmp_path), "s3://bucket/r.jsonl")
+        rejects.default_rejects_path(str(tmp_path), "s3://bucket/r.jsonl")
 
 
 def test_acceptance3_inspect_reports_and_writes_rejects(tmp_path: Path):
     manifest = acceptance_manifest(tmp_path)
     report = inspect_dataset(str(manifest))
     rejects_file = tmp_path / "manifest.rejects.jsonl"
-    rejects = {r["id"]: r for r in records.read_rejects(rejects_file)}
-    assert set(rejects) == {"trunc", "emptywav", "missing", "latin1"}
-    assert (rejects["trunc"]["modality"], rejects["emptywav"]["modality"]) == ("image", "audio")
-    assert "truncated" in rejects["trunc"]["reason"]
-    assert rejects["emptywav"]["reason"] == "empty (0 bytes)"
-    assert rejects["missing"]["modality"] == "image" and rejects["missing"]["reason"].startswith("file not found")
-    assert rejects["latin1"]["modality"] == "text" and "not valid UTF-8" in rejects["latin1"]["reason"]
-    assert rejects["latin1"]["row"] == 9 and rejects["latin1"]["source"] == str(manifest)
+    rejected = {r["id"]: r for r in rejects.read_rejects(rejects_file)}
+    assert set(rejected) == {"trunc", "emptywav", "missing", "latin1"}
+    assert (rejected["trunc"]["modality"], rejected["emptywav"]["modality"]) == ("image", "audio")
+    assert "truncated" in rejected["trunc"]["reason"]
+    assert rejected["emptywav"]["reason"] == "empty (0 bytes)"
+    assert rejected["missing"]["modality"] == "image" and rejected["missing"]["reason"].startswith("file not found")
+    assert rejected["latin1"]["modality"] == "text" and "not valid UTF-8" in rejected["latin1"]["reason"]
+    assert rejected["latin1"]["row"] == 9 and rejected["latin1"]["source"] == str(manifest)
     assert "rows     10  (train 10)" in report
     assert f"rejects  4 (40.0%) -> {rejects_file}" in report
     assert "by field: audio 1, image 2, text 1" in report

@@ -16,8 +16,8 @@ from PIL import Image
 from tests.helpers import tiny_config
 
 from mmfusion.artifact import load_artifact, save_artifact
-from mmfusion.data.preprocess import input_spec
-from mmfusion.data.records import read_records
+from mmfusion.data.preprocessor import input_spec
+from mmfusion.data.readers import read_records
 from mmfusion.evaluate.report import predict_split
 from mmfusion.models.model import build_model
 from mmfusion.serving.engine import EncoderRunner, FusionRunner, ModelRunner, keep_encoder, keep_fusion

@@ -1,8 +1,8 @@
 """`mmfusion data inspect PATH`: rows per split and class, modality presence, and rejects.
 
-Every record is read and decoded here, without Ray (the same records.py readers and preprocess.py kernels the
-pipeline uses, default preprocessing settings), so the rejects it reports are the rows a training run would set
-aside for being undecodable. It writes them to the dataset's rejects file and prints its path.
+Every record is read and decoded here, without Ray (the same readers and Preprocessor the pipeline uses,
+default preprocessing settings), so the rejects it reports are the rows a training run would set aside for
+being undecodable. It writes them to the dataset's rejects file and prints its path.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from mmfusion.config import MODALITIES, DataConfig
-from mmfusion.data import records
+from mmfusion.batch import MODALITIES
+from mmfusion.config import DataConfig
+from mmfusion.data import readers, rejects, schema
+from mmfusion.data.labels import sort_labels
 from mmfusion.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -23,19 +25,20 @@ SHOW_REJECTS = 10  # rejected rows listed in the report (all of them are in the 
 
 def inspect_dataset(path: str, label_column: str = "label") -> str:
     """Decode every row of a dataset folder or manifest and return a readable report."""
-    from mmfusion.data.preprocess import Preprocessor
+    from mmfusion.data.preprocessor import Preprocessor
 
-    summary = records.summarize(path, label_column)
+    summary = readers.summarize(path, label_column)
     mods = [m for m in MODALITIES if m in summary.columns]
     if not mods:
-        raise DataError(f"{path} has no image, text or audio column (columns: {', '.join(sorted(summary.columns))})")
+        columns = ", ".join(sorted(summary.columns))
+        raise DataError(f"{path} has no image, text or audio column (columns: {columns})")
     pre = Preprocessor(DataConfig(path=path, modalities=mods, label_column=label_column), labels=None)
 
     rows: Counter[str] = Counter()
     classes: dict[str, Counter[str]] = defaultdict(Counter)  # split -> label -> rows
     present: dict[str, Counter[str]] = defaultdict(Counter)  # split -> modality (and "good") -> rows
     bad: list[dict[str, object]] = []
-    for tb in records.iter_records(path, label_column=label_column, modalities=mods):
+    for tb in readers.iter_records(path, label_column=label_column, modalities=mods):
         batch = {k: np.array(tb[k].to_pylist(), dtype=object) for k in tb.column_names}
         out = pre(batch)
         splits, labels = batch["split"].tolist(), batch["label"].tolist()
@@ -51,14 +54,14 @@ def inspect_dataset(path: str, label_column: str = "label") -> str:
             if err:
                 bad.append({"id": batch["id"][i], "split": splits[i], "source": batch["source"][i],
                             "row": int(batch["row"][i]), "error": str(err)})
-    rejects_path = records.update_rejects(records.default_rejects_path(path), bad)
+    rejects_path = rejects.update_rejects(rejects.default_rejects_path(path), bad)
     return _report(path, label_column, summary, rows, classes, present, mods, bad, rejects_path)
 
 
-def _report(path: str, label_column: str, summary: records.DatasetSummary, rows: Counter[str], classes: dict[str, Counter[str]],
-            present: dict[str, Counter[str]], mods: list[str], bad: list[dict[str, object]],
+def _report(path: str, label_column: str, summary: readers.DatasetSummary, rows: Counter[str],
+            classes: dict[str, Counter[str]], present: dict[str, Counter[str]], mods: list[str], bad: list[dict[str, object]],
             rejects_path: object) -> str:
-    order = {s: i for i, s in enumerate(records.SPLITS)}
+    order = {s: i for i, s in enumerate(schema.SPLITS)}
     splits = sorted(rows, key=lambda s: (order.get(s, 99), s))
     total = sum(rows.values())
     names = [f.name for f in summary.files]
@@ -67,7 +70,7 @@ def _report(path: str, label_column: str, summary: records.DatasetSummary, rows:
              f"rows     {total}" + (f"  ({', '.join(f'{s} {rows[s]}' for s in splits)})" if splits else "")]
 
     all_labels = {lab for c in classes.values() for lab in c}
-    label_list = records.sort_labels(lab for lab in all_labels if lab != "(none)")
+    label_list = sort_labels(lab for lab in all_labels if lab != "(none)")
     if "(none)" in all_labels:
         label_list.append("(none)")
     if "label" not in summary.columns:
@@ -92,7 +95,7 @@ def _report(path: str, label_column: str, summary: records.DatasetSummary, rows:
     if not bad:
         lines.append("rejects  0 (every row decodes)")
         return "\n".join(lines)
-    by_mod = Counter(records.split_error(str(b["error"]))[0] for b in bad)
+    by_mod = Counter(rejects.split_error(str(b["error"]))[0] for b in bad)
     lines.append(f"rejects  {len(bad)} ({len(bad) / max(total, 1):.1%}) -> {rejects_path}")
     lines.append("  by field: " + ", ".join(f"{m} {n}" for m, n in sorted(by_mod.items())))
     for b in sorted(bad, key=lambda b: (str(b["source"]), int(b["row"])))[:SHOW_REJECTS]:  # type: ignore[call-overload]

@@ -1,11 +1,11 @@
 """The Ray Data pipeline: records -> preprocessed, validated train/val(/test) datasets -> collated torch batches.
 
     summarize (driver: columns, rows per split, labels)
-      -> from_items(read units).map_batches(read + load media, TaskPoolStrategy)        # records.py
-      -> map_batches(Preprocessor, ActorPoolStrategy, batch_format="numpy")             # preprocess.py
+      -> from_items(read units).map_batches(read + load media, TaskPoolStrategy)        # readers.py
+      -> map_batches(Preprocessor, ActorPoolStrategy, batch_format="numpy")             # preprocessor.py
       -> materialize once: rejects counted and written, max_bad_fraction enforced
       -> per-split datasets (val carved out of train by a seeded id hash when the data has none)
-    MMCollate turns numpy batches into the torch batch contract of mmfusion.models.spec.
+    MMCollate turns numpy batches into the torch batch contract of mmfusion.batch.
 
 The datasets are materialized after preprocessing: every epoch then reads decoded tensors instead of decoding
 again, and the bad-row fraction is known before training starts.
@@ -32,11 +32,12 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import col
 
+from mmfusion.batch import DTYPES, InputSpec, input_keys
 from mmfusion.config import DataConfig
-from mmfusion.data import records
-from mmfusion.data.preprocess import EMPTY_ROW, META_COLUMNS, Preprocessor, input_spec, load_tokenizer
+from mmfusion.data import readers, rejects, schema
+from mmfusion.data.preprocessor import EMPTY_ROW, META_COLUMNS, Preprocessor, input_spec
+from mmfusion.data.text import load_tokenizer
 from mmfusion.errors import DataError
-from mmfusion.models.spec import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,14 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
         labels: class names to index labels with (an artifact's labels at evaluation time); default: the sorted
             unique labels of the train split.
     Returns:
-        A DatasetBundle; each dataset has the columns of the batch contract (mmfusion.models.spec).
+        A DatasetBundle; each dataset has the columns of the batch contract (mmfusion.batch).
     Raises:
         DataError: missing data, a configured modality absent from the data, or too many undecodable rows.
     """
-    unknown = set(splits) - set(records.SPLITS)
+    unknown = set(splits) - set(schema.SPLITS)
     if unknown or not splits:
-        raise DataError(f"splits must be a non-empty subset of {records.SPLITS}, got {splits}")
-    summary = records.summarize(cfg.path, cfg.label_column)
+        raise DataError(f"splits must be a non-empty subset of {schema.SPLITS}, got {splits}")
+    summary = readers.summarize(cfg.path, cfg.label_column)
     absent = [m for m in cfg.modalities if m not in summary.columns]
     if absent:
         raise DataError(
@@ -115,7 +116,7 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
     log.info("read %d rows (%s) from %s; %d rejected", num_rows, ", ".join(read_splits), cfg.path, len(bad))
     if empty:
         log.info("%d rows have none of data.modalities %s and are skipped", len(empty), cfg.modalities)
-    records.check_bad_fraction(len(bad), num_rows - len(empty), cfg.max_bad_fraction, rejects_path)
+    rejects.check_bad_fraction(len(bad), num_rows - len(empty), cfg.max_bad_fraction, rejects_path)
 
     good = processed.filter(expr=col("error") == "")
     if carve_val:
@@ -124,7 +125,7 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
         good = good.map_batches(_carve_val, batch_format="pyarrow", fn_kwargs={"seed": seed, "threshold": threshold})
     drop = [c for c in (*META_COLUMNS, "error") if c in processed.columns()]
 
-    out: dict[str, ray.data.Dataset | None] = {s: None for s in records.SPLITS}
+    out: dict[str, ray.data.Dataset | None] = {s: None for s in schema.SPLITS}
     for s in splits:  # materialized: epochs read tensors directly, and the unsplit blocks can be freed
         out[s] = good.filter(expr=col("split") == s).drop_columns(drop).materialize()
     rows = {s: (d.count() if d is not None else 0) for s, d in out.items()}
@@ -146,9 +147,9 @@ def _class_counts(ds: ray.data.Dataset, num_classes: int) -> list[int]:
     return [int(c) for c in counts]
 
 
-def _preprocessed(cfg: DataConfig, summary: records.DatasetSummary, splits: list[str], labels: list[str],
+def _preprocessed(cfg: DataConfig, summary: readers.DatasetSummary, splits: list[str], labels: list[str],
                   ) -> ray.data.Dataset:
-    units = [u.as_row() for u in records.plan_units(summary.files, MANIFEST_UNIT_ROWS)]
+    units = [u.as_row() for u in readers.plan_units(summary.files, MANIFEST_UNIT_ROWS)]
     rows = sum(n for s, n in summary.rows.items() if s in splits)
     actors = min(_cluster_cpus(), max(1, math.ceil(rows / ROWS_PER_ACTOR)))
     read_kwargs: dict[str, Any] = {}
@@ -178,10 +179,10 @@ def _preprocessed(cfg: DataConfig, summary: records.DatasetSummary, splits: list
 def _read_units(batch: pa.Table, label_column: str, splits: list[str], modalities: list[str]) -> Iterator[pa.Table]:
     """Ray task: read units (Parquet row groups / manifest slices) -> RECORD_SCHEMA tables with media loaded."""
     for row in batch.to_pylist():
-        unit = records.ReadUnit.from_row(row)
-        for tb in records.read_unit(unit, label_column, set(splits), modalities):
+        unit = readers.ReadUnit.from_row(row)
+        for tb in readers.read_unit(unit, label_column, set(splits), modalities):
             if tb.num_rows:
-                yield records.resolve_media(tb)
+                yield readers.resolve_media(tb)
 
 
 def _cluster_cpus() -> int:
@@ -191,7 +192,7 @@ def _cluster_cpus() -> int:
 
 
 def _write_rejects(cfg: DataConfig, bad: list[dict[str, Any]]) -> Path | None:
-    path = records.update_rejects(records.default_rejects_path(cfg.path, cfg.rejects_path), bad)
+    path = rejects.update_rejects(rejects.default_rejects_path(cfg.path, cfg.rejects_path), bad)
     if path is not None:
         log.warning("%d rejected rows written to %s", len(bad), path)
     return path
@@ -232,26 +233,14 @@ def _carve_val(tb: pa.Table, seed: int, threshold: int) -> pa.Table:
 
 
 class MMCollate(NumpyBatchCollateFn):
-    """numpy batch -> dict[str, torch.Tensor] with the dtypes of the batch contract (mmfusion.models.spec).
+    """numpy batch -> dict[str, torch.Tensor] with the dtypes of the batch contract (mmfusion.batch).
     Columns outside the contract (id, split, ...) are dropped."""
 
-    DTYPES: dict[str, torch.dtype] = {
-        "image": torch.float32,  # (B, C, H, W)
-        "text": torch.int64,  # (B, L)
-        "text_mask": torch.int64,  # (B, L)
-        "audio": torch.float32,  # (B, 1, F, T)
-        "present": torch.bool,  # (B, M)
-        "label": torch.int64,  # (B,)
-    }
+    DTYPES: dict[str, torch.dtype] = {k: getattr(torch, name) for k, name in DTYPES.items()}
 
     def __init__(self, spec: InputSpec | None = None) -> None:
         super().__init__()
-        self.required: tuple[str, ...] = ()
-        if spec is not None:
-            keys = [*(["image"] if "image" in spec.modalities else []),
-                    *(["text", "text_mask"] if "text" in spec.modalities else []),
-                    *(["audio"] if "audio" in spec.modalities else []), "present"]
-            self.required = tuple(keys)
+        self.required: tuple[str, ...] = input_keys(spec.modalities) if spec is not None else ()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         missing = [k for k in self.required if k not in batch]

@@ -75,8 +75,8 @@ def _predict_batches(art: Artifact, batches, keep: list[str] | None) -> tuple[np
 def predict_split(art: Artifact, data: str, split: str, modalities: list[str] | None = None) -> Predictions:
     """In-process prediction over one split (no Ray): read records, preprocess, collate, predict."""
     from mmfusion.data.pipeline import MMCollate
-    from mmfusion.data.preprocess import EMPTY_ROW, Preprocessor
-    from mmfusion.data.records import iter_records
+    from mmfusion.data.preprocessor import EMPTY_ROW, Preprocessor
+    from mmfusion.data.readers import iter_records
 
     data_cfg = art.cfg.data.model_copy(update={"path": data})
     pre = Preprocessor(data_cfg, art.labels)
@@ -123,7 +123,7 @@ def predict_split_ray(art: Artifact, data: str, split: str, modalities: list[str
 
 def evaluate_artifact(artifact: str | Path, data: str | None = None, split: str = "test",
                       address: str | None = None, modalities: list[str] | None = None) -> Evaluation:
-    from mmfusion.data.records import summarize
+    from mmfusion.data.readers import summarize
 
     art = load_artifact(artifact)
     data = data or art.cfg.data.path

@@ -3,7 +3,7 @@
     logits = model({"image": (B,C,H,W), "text": (B,L), "text_mask": (B,L), "audio": (B,1,F,T),
                     "present": (B,M) bool})                                           # (B, num_classes)
 
-The batch follows the contract in mmfusion.models.spec. Only `build_model` sees configs: the registries map a
+The batch follows the contract in mmfusion.batch. Only `build_model` sees configs: the registries map a
 config's `name` to a small builder that turns the typed sub-config into the module's flat arguments.
 """
 
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmfusion.batch import INPUT_KEYS, InputSpec
 from mmfusion.config import FusionConfig, ModelConfig
 from mmfusion.errors import ConfigError
 from mmfusion.models.encoders.audio import CnnAudioEncoder, HfAudioEncoder
@@ -31,12 +32,8 @@ from mmfusion.models.fusion import (
     MlpHead,
     TensorFusion,
 )
-from mmfusion.models.spec import InputSpec
 
 log = logging.getLogger(__name__)
-
-# The batch keys each modality's encoder reads (mmfusion.models.spec); the first is its main tensor.
-INPUT_KEYS: dict[str, tuple[str, ...]] = {"image": ("image",), "text": ("text", "text_mask"), "audio": ("audio",)}
 
 
 class FusionModel(nn.Module):
@@ -218,7 +215,7 @@ def build_model(cfg: ModelConfig, spec: InputSpec, num_classes: int, load_weight
 
     Args:
         cfg: the experiment's model section.
-        spec: input shapes and vocabulary (mmfusion.data.preprocess.input_spec(cfg.data)).
+        spec: input shapes and vocabulary (mmfusion.data.preprocessor.input_spec(cfg.data)).
         num_classes: number of labels.
         load_weights: False builds pretrained encoders with random weights and downloads nothing (use it when
             an artifact's state dict is loaded right after).

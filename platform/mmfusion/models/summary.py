@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mmfusion.batch import InputSpec
 from mmfusion.config import ExperimentConfig
 from mmfusion.models.model import FusionModel, build_model
-from mmfusion.models.spec import InputSpec
 
 ASSUMED_CLASSES = 10  # when the dataset is not there to count its labels (AVT-Digits has ten)
 
@@ -86,9 +86,9 @@ def num_classes_of(cfg: ExperimentConfig) -> tuple[int, str]:
     path = cfg.data.path
     if "://" not in path and not Path(path).exists():
         return ASSUMED_CLASSES, f"assumed: no dataset at {path}"
-    from mmfusion.data import records
+    from mmfusion.data import readers
 
-    labels = records.summarize(path, label_column=cfg.data.label_column).labels
+    labels = readers.summarize(path, label_column=cfg.data.label_column).labels
     if not labels:
         return ASSUMED_CLASSES, f"assumed: {path} has no labels"
     return len(labels), f"from {path}"
@@ -96,7 +96,7 @@ def num_classes_of(cfg: ExperimentConfig) -> tuple[int, str]:
 
 def summarize(cfg: ExperimentConfig, num_classes: int | None = None) -> str:
     """A text table: parameters and trainable parameters per part, forward FLOPs per sample."""
-    from mmfusion.data.preprocess import input_spec
+    from mmfusion.data.preprocessor import input_spec
 
     spec = input_spec(cfg.data)
     if num_classes is None:

@@ -38,12 +38,12 @@ def build_app(args: ServeArgs) -> Application:
     The artifact's config is read here, so a wrong path or a broken artifact fails the deployment at once with
     a message naming it, instead of in every replica.
     """
-    from mmfusion.serving.artifacts import read_info
+    from mmfusion.artifact import read_artifact_info
     from mmfusion.serving.deployments import Encoder, Fusion, Ingress, Model
 
     if not isinstance(args, ServeArgs):  # a plain dict when called from Python code
         args = ServeArgs.model_validate(args)
-    info = read_info(args.artifact)
+    info = read_artifact_info(args.artifact)
     common = {"device": args.device, "torch_threads": args.torch_threads}
     log.info("building the %s app for %s (%s)", args.topology, info.path, ", ".join(info.modalities))
     if args.topology == "single":

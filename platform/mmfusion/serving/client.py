@@ -152,7 +152,7 @@ class HttpEvaluation:
 
 
 def _rows(data: str, split: str, label_column: str, modalities: list[str]) -> Iterator[dict[str, Any]]:
-    from mmfusion.data.records import iter_records
+    from mmfusion.data.readers import iter_records
 
     for tb in iter_records(data, split, label_column, modalities=modalities):
         yield from tb.select(["id", "label", "error", *modalities]).to_pylist()

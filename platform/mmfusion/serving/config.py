@@ -89,9 +89,9 @@ def prepare_config(raw: dict[str, Any], artifact: str, host: str | None = None, 
     """The config `mmfusion serve ARTIFACT` deploys: its one application pointed at ARTIFACT (made absolute),
     optional host/port/topology/api_key_env overrides, and only the deployment entries this app will have
     (a config written for a three-modality split model also serves a two-modality or a single-topology one)."""
-    from mmfusion.data.records import is_uri
+    from mmfusion.artifact import read_artifact_info
     from mmfusion.serving.app import deployment_names
-    from mmfusion.serving.artifacts import read_info
+    from mmfusion.storage import is_uri
 
     raw = copy.deepcopy(raw)
     apps = raw.get("applications") or []
@@ -113,7 +113,7 @@ def prepare_config(raw: dict[str, Any], artifact: str, host: str | None = None, 
     except ValidationError as e:
         raise ConfigError(f"applications[0].args: {_errors(e)}") from None
     app["args"] = args
-    info = read_info(sargs.artifact)
+    info = read_artifact_info(sargs.artifact)
     names = deployment_names(info.modalities, sargs.topology)
     kept = [d for d in app.get("deployments") or [] if d.get("name") in names]
     dropped = [d.get("name") for d in app.get("deployments") or [] if d.get("name") not in names]

@@ -68,14 +68,13 @@ def _load_model(artifact: str, device: str, torch_threads: int | None) -> tuple[
     import torch
 
     from mmfusion.artifact import load_artifact
-    from mmfusion.serving.artifacts import localize
     from mmfusion.serving.engine import resolve_device
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
     if device == "auto":
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-    return load_artifact(localize(artifact)), resolve_device(device)
+    return load_artifact(artifact), resolve_device(device)
 
 
 # -------------------------------------------------------------------------------------- model replicas
@@ -252,10 +251,10 @@ class Ingress:
 
     def __init__(self, args: ServeArgs, encoders: dict[str, DeploymentHandle] | None = None,
                  fusion: DeploymentHandle | None = None, model: DeploymentHandle | None = None) -> None:
-        from mmfusion.serving.artifacts import read_info
+        from mmfusion.artifact import read_artifact_info
 
         self.args = ServeArgs.model_validate(args)
-        self.info = read_info(self.args.artifact)
+        self.info = read_artifact_info(self.args.artifact)
         self.api_key = self.args.resolve_api_key()
         self.encoders = encoders or {}
         self.fusion = fusion

@@ -5,8 +5,8 @@
     ModelRunner(model, data_cfg)([{"image": png, "text": "7"}])   -> [Predicted]   (the `single` topology)
 
 Preprocessing runs here, in the encoder's replica, through the same batch kernels Ray Data uses
-(`image_batch`, `text_batch`, `audio_batch` of mmfusion.data.preprocess: one code path). A value that cannot be
-decoded comes back as an error for its own row only, so one bad request never fails a batch.
+(`image_batch`, `text_batch`, `audio_batch` of mmfusion.data.image/text/audio: one code path). A value
+that cannot be decoded comes back as an error for its own row only, so one bad request never fails a batch.
 The numbers equal the offline `mmfusion evaluate` path: the same preprocessing, `FusionModel.encode` per
 modality, and `FusionModel.fuse` with zeros and a False mask bit for a missing modality, as `forward` does.
 """
@@ -20,17 +20,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mmfusion.batch import INPUT_KEYS
 from mmfusion.config import DataConfig
-from mmfusion.data.preprocess import (
-    DecodeError,
-    audio_batch,
-    decode_audio,
-    image_batch,
-    load_tokenizer,
-    text_batch,
-)
-from mmfusion.errors import ConfigError
-from mmfusion.models.model import INPUT_KEYS, FusionModel
+from mmfusion.data.audio import audio_batch, decode_audio
+from mmfusion.data.image import image_batch
+from mmfusion.data.text import load_tokenizer, text_batch
+from mmfusion.errors import ConfigError, DecodeError
+from mmfusion.models.model import FusionModel
 from mmfusion.serving.messages import Encoded, Predicted
 
 log = logging.getLogger(__name__)

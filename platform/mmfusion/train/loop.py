@@ -1,6 +1,6 @@
 """The pure-PyTorch part of training: optimizer, schedule, one epoch, evaluation. No Ray here.
 
-Batches are dicts keyed by modality (see mmfusion.models.spec); the loop never looks inside them except for
+Batches are dicts keyed by modality (see mmfusion.batch); the loop never looks inside them except for
 "label". Distributed reduction is done with torch.distributed when it is initialized (DDP under Ray Train).
 
 A run cannot fail silently: a non-finite training loss raises TrainingDivergedError naming the epoch and the

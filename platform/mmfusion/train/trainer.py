@@ -118,9 +118,10 @@ def build_trainer(cfg: ExperimentConfig, datasets: dict[str, Any], info: dict[st
 
 def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, storage: str) -> TrainRun:
     """Best checkpoint -> artifact folder with metrics, training curves and a val confusion matrix."""
-    from mmfusion.artifact import is_remote, load_artifact, publish, save_artifact, staging_dir
+    from mmfusion.artifact import load_artifact, save_artifact
     from mmfusion.evaluate.plots import plot_training_curves
     from mmfusion.evaluate.report import evaluate_dataset
+    from mmfusion.storage import is_remote, publish, staging_dir
     from mmfusion.train.checkpoint import load_loop_state, load_model_state
 
     latest = result.checkpoint

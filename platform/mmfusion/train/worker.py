@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mmfusion.models.spec import InputSpec
+from mmfusion.batch import InputSpec
 from mmfusion.config import validate_config
 from mmfusion.errors import ConfigError, MmfusionError
 from mmfusion.train.checkpoint import LoopState, load_checkpoint, save_checkpoint

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmfusion.artifact import is_remote, staging_dir
 from mmfusion.config import ExperimentConfig
 from mmfusion.errors import ConfigError, MmfusionError
+from mmfusion.storage import is_remote, publish_file, staging_dir
 from mmfusion.tune.space import to_ray, trial_config, validate_space
 
 log = logging.getLogger(__name__)
@@ -152,14 +152,6 @@ def summarize(grid: Any, cfg: ExperimentConfig, base: dict[str, Any], bundle: An
             publish_file(f, f"{exp_path}/{f.name}")
     table = _table(rows, metric, mode, list(cfg.tune.space))
     return TuneRun(name, out_dir, run.artifact, csv_path, plot, table, rows, location=run.location)
-
-
-def publish_file(local: Path, location: str) -> None:
-    from mmfusion.data.records import filesystem
-
-    fs, inner = filesystem(location)
-    with fs.open_output_stream(inner) as f:
-        f.write(local.read_bytes())
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -6,7 +6,7 @@
 
 Pretrained backbones expect 3-channel input: a grayscale image is repeated over the channels inside the
 encoder (so pretrained first-layer filters still apply), and HF encoders resize to the model's image size.
-Pixels arrive normalized with the data config's mean/std (mmfusion.data.preprocess), not the backbone's own
+Pixels arrive normalized with the data config's mean/std (mmfusion.data.image), not the backbone's own
 statistics; fine-tuning (or the trainable projection of a frozen backbone) absorbs the difference.
 """
 

@@ -4,7 +4,7 @@
     TransformerTextEncoder  a small pre-norm Transformer trained from scratch; masked mean over tokens
     HfTextEncoder           any Hugging Face encoder by hub name or local folder; masked mean; optionally frozen
 
-Token ids come from the data config's tokenizer (mmfusion.data.preprocess): the builtin byte vocabulary for
+Token ids come from the data config's tokenizer (mmfusion.data.text): the builtin byte vocabulary for
 the small encoders, the model's own tokenizer for an hf encoder. A row with no tokens at all (missing text)
 is treated as one pad token, so every encoder stays finite on an all-padding batch.
 """

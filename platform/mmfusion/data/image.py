@@ -1,0 +1,107 @@
+"""Image preprocessing: encoded bytes -> normalized float pixels. `image_batch` is the one kernel; Ray Data
+(via the Preprocessor) and Serve (the encoder replicas) both call it. torchvision is imported when first used.
+
+    image bytes -> PIL decode (pixel budget checked first) -> torchvision v2 resize + scale + normalize
+                -> float32 (C, H, W)
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmfusion.config import ImagePreprocessConfig
+from mmfusion.errors import ConfigError, DecodeError
+
+MAX_IMAGE_PIXELS = 64_000_000  # larger images are rejected before decoding
+
+
+def norm_stats(cfg: ImagePreprocessConfig) -> tuple[list[float], list[float]]:
+    c = cfg.channels
+
+    def expand(name: str, v: list[float]) -> list[float]:
+        if len(v) == 1:
+            return v * c
+        if len(v) != c:
+            raise ConfigError(f"data.image.{name} has {len(v)} values but data.image.channels is {c} "
+                              f"(give 1 or {c})")
+        return list(v)
+
+    mean, std = expand("mean", cfg.mean), expand("std", cfg.std)
+    if any(s <= 0 for s in std):
+        raise ConfigError(f"data.image.std must be positive, got {cfg.std}")
+    return mean, std
+
+
+def decode_image(data: Any, channels: int) -> torch.Tensor:
+    """Encoded PNG/JPEG/... bytes -> uint8 (C, H, W). DecodeError on empty, truncated or unknown bytes."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecodeError("image", f"expected encoded image bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise DecodeError("image", "empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:  # checked before decoding: no decompression bombs
+                raise DecodeError("image", f"too large ({im.width}x{im.height} pixels)")
+            im.load()  # decodes fully: a truncated file fails here, not later
+            im = im.convert("L" if channels == 1 else "RGB")
+    except Image.DecompressionBombError as e:
+        raise DecodeError("image", f"too large ({e})") from None
+    except UnidentifiedImageError:
+        raise DecodeError("image", "not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise DecodeError("image", f"undecodable ({e})") from None
+    arr = np.asarray(im, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (C, H, W)
+
+
+@functools.lru_cache(maxsize=8)
+def _image_transforms(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Any, Any]:
+    from torchvision.transforms import v2
+
+    resize = v2.Resize((size, size), antialias=True)
+    to_float = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    return resize, to_float
+
+
+def image_batch(values: Sequence[Any], cfg: ImagePreprocessConfig) -> tuple[np.ndarray, list[str | None]]:
+    """Decode + resize + normalize a batch; None entries are skipped (zeros).
+    -> float32 (N, C, H, W), errors."""
+    mean, std = norm_stats(cfg)
+    resize, to_float = _image_transforms(cfg.size, tuple(mean), tuple(std))
+    c, s = cfg.channels, cfg.size
+    out = np.zeros((len(values), c, s, s), dtype=np.float32)
+    errors: list[str | None] = [None] * len(values)
+    rows, images = [], []
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        try:
+            img = decode_image(v, c)  # uint8 (C, h, w)
+        except DecodeError as e:
+            errors[i] = e.reason
+            continue
+        if img.shape[1:] != (s, s):
+            img = resize(img)  # uint8 (C, S, S)
+        rows.append(i)
+        images.append(img)
+    if rows:
+        out[rows] = to_float(torch.stack(images)).numpy()  # vectorised scale + normalize: (n, C, S, S)
+    return out, errors
+
+
+def preprocess_image(data: bytes, cfg: ImagePreprocessConfig) -> np.ndarray:
+    """One encoded image -> float32 (C, H, W). DecodeError if it cannot be decoded."""
+    out, errors = image_batch([data], cfg)
+    if errors[0] is not None:
+        raise DecodeError("image", errors[0])
+    return out[0]
