@@ -5,9 +5,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MMF := $(VENV)/bin/mmfusion
 STAMP := $(VENV)/.installed
-# Debian packages the built-in dataset needs: espeak-ng (training speech) and real recorded digits.
+# Debian packages the built-in datasets need. AVT-Digits: espeak-ng (training speech) and real recorded digits.
+# KTuberling: the game's sprites and recorded object names, rsvg-convert to render the sprites, and the FreeDict
+# English-X dictionaries that name the objects in other languages.
 APT_PACKAGES := espeak-ng asterisk-core-sounds-en-wav asterisk-core-sounds-es-wav \
-	asterisk-core-sounds-fr-wav asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav
+	asterisk-core-sounds-fr-wav asterisk-core-sounds-it-wav asterisk-core-sounds-ru-wav \
+	ktuberling-data librsvg2-bin dict-freedict-eng-deu dict-freedict-eng-fra dict-freedict-eng-spa \
+	dict-freedict-eng-ita dict-freedict-eng-rus dict-freedict-eng-srp
 TORCH := torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
 DATA ?= data/avt_digits
 PYTEST_ARGS ?=

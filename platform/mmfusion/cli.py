@@ -30,9 +30,14 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _data_build(args: argparse.Namespace) -> int:
-    from mmfusion.data.avt_digits import build_avt_digits
+    if args.name == "ktuberling":
+        from mmfusion.datasets.ktuberling import build_ktuberling
 
-    out = build_avt_digits(Path(args.out), variant=args.variant, seed=args.seed)
+        out = build_ktuberling(Path(args.out), seed=args.seed, variant=args.variant)
+    else:
+        from mmfusion.data.avt_digits import build_avt_digits
+
+        out = build_avt_digits(Path(args.out), variant=args.variant, seed=args.seed)
     log.info("dataset written to %s", out)
     return 0
 
@@ -173,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="build and inspect datasets").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")
     b = cmd(data, "build", _data_build, "build a built-in dataset (offline, deterministic)")
-    b.add_argument("name", choices=["avt-digits"])
+    b.add_argument("name", choices=["avt-digits", "ktuberling"])
     b.add_argument("--out", required=True, help="output folder")
-    b.add_argument("--variant", choices=["small", "large"], default="small")
+    b.add_argument("--variant", choices=["tiny", "small", "large"], default="small",
+                   help="size: tiny (tests), small (the default), large (avt-digits only: benchmarks)")
     b.add_argument("--seed", type=int, default=0)
     i = cmd(data, "inspect", _data_inspect, "counts per split, class and modality, and rejects")
     i.add_argument("path", help="dataset folder or manifest (Parquet/JSONL/CSV)")
