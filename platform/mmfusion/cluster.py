@@ -98,12 +98,14 @@ def render_rayservice(manifest: str, serve_yaml: str, source: str = str(SERVE_CO
     start = starts[0]
     indent = len(_BLOCK.match(lines[start]).group("indent"))
     end = start + 1
-    while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+    while end < len(lines) and (not lines[end].strip()
+                                or len(lines[end]) - len(lines[end].lstrip()) > indent):
         end += 1
     while end > start + 1 and not lines[end - 1].strip():  # keep the blank lines after the block
         end -= 1
     pad = " " * (indent + 2)
-    body = [pad + HEADER.format(source=source)] + [(pad + line) if line else "" for line in serve_yaml.splitlines()]
+    body = [pad + HEADER.format(source=source)]
+    body += [(pad + line) if line else "" for line in serve_yaml.splitlines()]
     return "\n".join([*lines[: start + 1], *body, *lines[end:]]) + "\n"
 
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the dashboard's Jobs API; forward it with `ray dashboard cluster.yaml`
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # Jobs API (dashboard), forwarded by `ray dashboard cluster.yaml`
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")  # where `ray get-auth-token --generate` writes it
 # Never uploaded (gitignore-style, relative to the working dir), in addition to what .gitignore excludes.
 EXCLUDES = [".git", ".venv", "/data", "/runs", "/artifacts", "/dist", "/build", "__pycache__", "*.egg-info",
@@ -162,8 +162,8 @@ def connect(address: str | None = None) -> tuple[JobSubmissionClient, str, Token
     _quiet_ray_client_logs()
     headers = {"Authorization": f"Bearer {token.value}"} if token else None
     if token and _in_clear(url):
-        log.warning("sending the Ray token to %s over plain HTTP: anyone on the path can read it; use the SSH "
-                    "tunnel of `ray dashboard cluster.yaml` (http://127.0.0.1:8265) or https", url)
+        log.warning("sending the Ray token to %s over plain HTTP: anyone on the path can read it; use the "
+                    "SSH tunnel of `ray dashboard cluster.yaml` (http://127.0.0.1:8265) or https", url)
     with _only_address(url), _api_errors(url, token):
         client = JobSubmissionClient(url, headers=headers)
     return client, url, token
@@ -181,7 +181,8 @@ def _quiet_ray_client_logs() -> None:
     """Ray's client logs every ignored file of the upload at INFO; keep them for -v only."""
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("ray").setLevel(logging.WARNING)
-        logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)  # "now ignored by default"
+        # its "now ignored by default" lines too
+        logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
 
 
 # ------------------------------------------------------------------------------------------- submit
@@ -210,7 +211,8 @@ def build_entrypoint(command: Sequence[str], subcommands: Collection[str]) -> st
 
 def build_runtime_env(working_dir: Path | None, use_installed: bool = False,
                       env_vars: dict[str, str] | None = None) -> dict[str, Any]:
-    """working_dir (uploaded, minus EXCLUDES and .gitignore) and the repository's own package as a py_module."""
+    """working_dir (uploaded, minus EXCLUDES and .gitignore) and the repository's own package as a
+    py_module."""
     runtime_env: dict[str, Any] = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", **(env_vars or {})}}
     if working_dir is None:
         return runtime_env
@@ -238,8 +240,9 @@ def warn_local_paths(command: Sequence[str], working_dir: Path | None) -> None:
 
 
 def submit(command: Sequence[str], *, subcommands: Collection[str], address: str | None = None,
-           working_dir: Path | None = Path("."), wait: bool = True, use_installed: bool = False, num_cpus: float | None = None,
-           num_gpus: float | None = None, out: IO[str] | None = None) -> JobResult:
+           working_dir: Path | None = Path("."), wait: bool = True, use_installed: bool = False,
+           num_cpus: float | None = None, num_gpus: float | None = None,
+           out: IO[str] | None = None) -> JobResult:
     """Submit `mmfusion <command>` as a Ray Job; with wait, stream its logs to `out` until it ends."""
     entrypoint = build_entrypoint(command, subcommands)
     runtime_env = build_runtime_env(working_dir, use_installed=use_installed)
@@ -280,8 +283,10 @@ def follow(client: JobSubmissionClient, url: str, token: Token | None, job_id: s
             tail = "" if status.value == "SUCCEEDED" else _tail(client.get_job_logs(job_id))
     except KeyboardInterrupt:
         raise MmfusionError(f"stopped following job {job_id}; it keeps running on the cluster "
-                            f"(`mmfusion jobs logs {job_id} --follow`, `mmfusion jobs stop {job_id}`)") from None
-    message = (info.message or "").splitlines()[0] if info.message else ""  # Ray appends the logs; we keep a tail
+                            f"(`mmfusion jobs logs {job_id} --follow`, "
+                            f"`mmfusion jobs stop {job_id}`)") from None
+    # Ray appends the logs to the message; the result keeps only a tail of them
+    message = (info.message or "").splitlines()[0] if info.message else ""
     return JobResult(job_id, status.value, message, tail)
 
 
@@ -303,7 +308,8 @@ def list_jobs(address: str | None = None) -> list[JobDetails]:
 def format_jobs(jobs: Sequence[JobDetails]) -> str:
     rows = [("JOB ID", "STATUS", "STARTED", "DURATION", "COMMAND")]
     for j in jobs:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time else "-"
+        started = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.start_time / 1000)) if j.start_time
+                   else "-")
         end = j.end_time or (time.time() * 1000 if j.start_time else None)
         took = f"{(end - j.start_time) / 1000:.0f}s" if j.start_time and end else "-"
         rows.append((j.submission_id or "-", str(j.status), started, took, j.entrypoint))

@@ -100,7 +100,8 @@ def test_unknown_keys_catch_what_serve_silently_ignores():
     (lambda a: a["args"].update(topolgy="single"), "args: topolgy"),
     (lambda a: a["args"].update(max_request_bytes=10), "max_request_bytes"),
     (lambda a: a["deployments"][1].update(max_ongoing_requests=4), "max_ongoing_requests=4 < user_config"),
-    (lambda a: a["deployments"][1].setdefault("user_config", {}).update(max_batch=8), "user_config: max_batch"),
+    (lambda a: a["deployments"][1].setdefault("user_config", {}).update(max_batch=8),
+     "user_config: max_batch"),
 ])
 def test_check_serve_config_rejects_bad_args_and_batches(edit, needle):
     raw = load("local")

@@ -31,7 +31,8 @@ APP_IMPORT_PATH = "mmfusion.serving.app:build_app"
 
 
 def _errors(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors())
+    return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}"
+                     for err in e.errors())
 
 
 def check_serve_config(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
@@ -88,7 +89,8 @@ def prepare_config(raw: dict[str, Any], artifact: str, host: str | None = None, 
                    topology: str | None = None, api_key_env: str | None = None) -> dict[str, Any]:
     """The config `mmfusion serve ARTIFACT` deploys: its one application pointed at ARTIFACT (made absolute),
     optional host/port/topology/api_key_env overrides, and only the deployment entries this app will have
-    (a config written for a three-modality split model also serves a two-modality or a single-topology one)."""
+    (a config written for a three-modality split model also serves a two-modality or a single-topology
+    one)."""
     from mmfusion.artifact import read_artifact_info
     from mmfusion.serving.app import deployment_names
     from mmfusion.storage import is_uri
@@ -96,11 +98,12 @@ def prepare_config(raw: dict[str, Any], artifact: str, host: str | None = None, 
     raw = copy.deepcopy(raw)
     apps = raw.get("applications") or []
     if len(apps) != 1:
-        raise ConfigError(f"`mmfusion serve` runs a config with exactly one application, this one has {len(apps)} "
-                          "(deploy several with `serve deploy`)")
+        raise ConfigError(f"`mmfusion serve` runs a config with exactly one application, this one has "
+                          f"{len(apps)} (deploy several with `serve deploy`)")
     app = apps[0]
     if app.get("import_path") != APP_IMPORT_PATH:
-        raise ConfigError(f"applications[0].import_path must be {APP_IMPORT_PATH}, got {app.get('import_path')!r}")
+        raise ConfigError(f"applications[0].import_path must be {APP_IMPORT_PATH}, "
+                          f"got {app.get('import_path')!r}")
     args = dict(app.get("args") or {})
     args["artifact"] = artifact if is_uri(artifact) else str(Path(artifact).expanduser().resolve())
     if topology:

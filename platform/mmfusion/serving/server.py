@@ -50,8 +50,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 def run_server(config: str | Path, artifact: str, host: str | None = None, port: int | None = None,
                topology: str | None = None, api_key_env: str | None = None, address: str | None = None,
                timeout_s: float = 300.0) -> None:
-    """`mmfusion serve`: deploy ARTIFACT with a Serve config on an embedded local Ray (or `address`), print the
-    URL, and block until Ctrl-C or SIGTERM; then stop Serve (or, on a joined cluster, delete this app)."""
+    """`mmfusion serve`: deploy ARTIFACT with a Serve config on an embedded local Ray (or `address`), print
+    the URL, and block until Ctrl-C or SIGTERM; then stop Serve (or, on a joined cluster, delete this app)."""
     import os
     import signal
     import sys
@@ -68,7 +68,8 @@ def run_server(config: str | Path, artifact: str, host: str | None = None, port:
     try:
         deploy_config(raw, timeout_s)
         url = local_url(raw["http_options"], app.get("route_prefix") or "/")
-        log.info("serving %s at %s (OpenAPI docs at %s/docs); Ctrl-C stops", app["args"]["artifact"], url, url)
+        log.info("serving %s at %s (OpenAPI docs at %s/docs); Ctrl-C stops", app["args"]["artifact"], url,
+                 url)
         sys.stdout.write(url + "\n")
         sys.stdout.flush()
         while True:
