@@ -32,7 +32,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def avt_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A few hundred AVT-Digits rows (all splits, some rows with a missing modality), built once."""
-    from mmfusion.data.avt_digits import build_avt_digits
+    from mmfusion.datasets.avt_digits import build_avt_digits
 
     return build_avt_digits(tmp_path_factory.mktemp("avt") / "avt_tiny", variant="tiny", seed=0)
 

