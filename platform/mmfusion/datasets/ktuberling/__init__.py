@@ -1,19 +1,21 @@
-"""KTuberling: the second built-in real benchmark, built from Debian packages (`mmfusion data build ktuberling`).
+"""KTuberling: the second built-in real benchmark, built from Debian packages.
 
-KTuberling is KDE's "potato guy" stamp game. Each of its themes (a potato face, Egypt, the Moon, a pizzeria,
-Christmas, Robin Hood with Tux, a robot workshop, a train valley, butterflies) has object sprites in an SVG board,
-and every object has a spoken name recorded by volunteers in up to 25 languages. A record is one object:
+`mmfusion data build ktuberling --out DIR`. KTuberling is KDE's "potato guy" stamp game. Each of its themes (a
+potato face, Egypt, the Moon, a pizzeria, Christmas, Robin Hood with Tux, a robot workshop, a train valley,
+butterflies) has object sprites in an SVG board, and every object has a spoken name recorded by volunteers in
+up to 25 languages. A record is one object:
     image  the object's sprite rendered from the theme's SVG: RGBA PNG, transparent background, 4-400 px
     audio  a real recording of the object's name in one language, the package's file as shipped: OGG Vorbis
            (stereo or mono, 44.1 or 22.05 kHz), OGG Opus 48 kHz or WAV (8, 22.05 or 44.1 kHz), about 0.3-4 s
     text   the object's name in one language from a FreeDict English-X dictionary (one sense, chosen by seed:
            "ball" may read "бал"), or the English name itself; null where no dictionary of the split knows it
     label  the theme (9 classes; the two potato themes are one class), strongly imbalanced
-Modalities are aligned by object (not paired by class): all three describe the same object. A sprite gives up to
-AUDIO_PER_SPRITE rows, one per recorded language (seeded choice), so classes are as imbalanced as the game.
+Modalities are aligned by object (not paired by class): all three describe the same object. A sprite gives up
+to `audio_per_sprite` rows, one per recorded language (seeded choice): classes are as imbalanced as the game.
 
-Splits are by sprite (stratified per theme): test sprites are never seen in training. Test texts are in languages
-training never reads (it, sr: relatives of es/fr and ru), and some test objects have names no training row says.
+Splits are by sprite (stratified per theme): test sprites are never seen in training. Test texts are in
+languages training never reads (it, sr: relatives of es/fr and ru), and some test objects have names that no
+training row says.
 About MISSING_SHARE of the rows have their image or their audio removed (seeded), on top of the texts that no
 dictionary gives. The same seed gives byte-identical files on the same package versions.
 
@@ -53,7 +55,7 @@ LABELS = {"default_theme": "potato", "potato-game": "potato", "butterflies": "bu
 SPRITE_SHARE = {"val": 0.12, "test": 0.2}  # share of each theme's sprites per held-out split (at least one)
 TEXT_LANGUAGES = {"train": ["en", "de", "fr", "es", "ru"], "val": ["en", "de", "fr", "es", "ru"],
                   "test": ["it", "sr"]}
-MISSING_SHARE = 0.04  # rows with the image or the audio removed (half each), besides the texts no dictionary has
+MISSING_SHARE = 0.04  # rows losing their image or audio (half each), besides the texts no dictionary has
 VARIANTS = {  # sprites per theme per split (None: all), recorded languages per sprite
     "small": {"sprites": None, "audio_per_sprite": 8},
     "tiny": {"sprites": {"train": 3, "val": 1, "test": 1}, "audio_per_sprite": 2},
@@ -93,7 +95,8 @@ def build_ktuberling(out: Path, seed: int = 0, variant: str = "small") -> Path:
             _write_split(tmp, split, plan[split], pngs)
         from mmfusion.datasets.ktuberling.card import data_card
 
-        card = data_card(NAME, FORMAT_VERSION, variant, seed, src, plan, pngs, tmp, {**_settings(variant), "blank_sprites_left_out": blank})
+        settings = {**_settings(variant), "blank_sprites_left_out": blank}
+        card = data_card(NAME, FORMAT_VERSION, variant, seed, src, plan, pngs, tmp, settings)
         (tmp / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
         _move_into_place(tmp, out)
     except BaseException:
@@ -176,7 +179,7 @@ def _split_sprites(src: Sources, rng: np.random.Generator, variant: str) -> dict
 
 def _plan(src: Sources, parts: dict[str, list[Sprite]], rng: np.random.Generator,
           variant: str) -> dict[str, list[dict[str, Any]]]:
-    """Rows per split: each sprite with up to `audio_per_sprite` recorded languages, a text, a missing field."""
+    """Rows per split: each sprite with up to `audio_per_sprite` recorded languages, texts, missing fields."""
     k = VARIANTS[variant]["audio_per_sprite"]
     plan: dict[str, list[dict[str, Any]]] = {}
     for split, sprites in parts.items():
@@ -187,8 +190,8 @@ def _plan(src: Sources, parts: dict[str, list[Sprite]], rng: np.random.Generator
                 lang = langs[li]
                 text, text_lang = _text(src, sp.sound, TEXT_LANGUAGES[split], rng)
                 rows.append({"sprite": sp, "label": LABELS.get(sp.theme, sp.theme), "audio_language": lang,
-                             "audio_file": src.recordings[sp.sound][lang], "text": text, "text_language": text_lang,
-                             "english": english_name(sp.sound), "missing": None})
+                             "audio_file": src.recordings[sp.sound][lang], "text": text,
+                             "text_language": text_lang, "english": english_name(sp.sound), "missing": None})
         rows = [rows[i] for i in rng.permutation(len(rows))]
         n_missing = int(round(MISSING_SHARE * len(rows)))
         for j, i in enumerate(sorted(rng.choice(len(rows), size=n_missing, replace=False).tolist())):
@@ -199,7 +202,8 @@ def _plan(src: Sources, parts: dict[str, list[Sprite]], rng: np.random.Generator
     return plan
 
 
-def _text(src: Sources, sound: str, languages: list[str], rng: np.random.Generator) -> tuple[str | None, str | None]:
+def _text(src: Sources, sound: str, languages: list[str],
+          rng: np.random.Generator) -> tuple[str | None, str | None]:
     """One sense of the object's name in one of `languages` that has it (seeded); (None, None) if none has."""
     have = [lang for lang in languages if src.glosses[sound].get(lang)]
     u = rng.random(2)  # always two draws: a row's randomness does not depend on what the dictionaries hold
@@ -216,8 +220,8 @@ def _text(src: Sources, sound: str, languages: list[str], rng: np.random.Generat
 def RECORD_SCHEMA() -> Any:  # noqa: N802 - a function so that importing this module does not import pyarrow
     import pyarrow as pa
 
-    return pa.schema([("id", pa.string()), ("split", pa.string()), ("image", pa.binary()), ("text", pa.string()),
-                      ("audio", pa.binary()), ("label", pa.string())])
+    return pa.schema([("id", pa.string()), ("split", pa.string()), ("image", pa.binary()),
+                      ("text", pa.string()), ("audio", pa.binary()), ("label", pa.string())])
 
 
 def _write_split(root: Path, split: str, rows: list[dict[str, Any]], pngs: dict[Sprite, bytes]) -> None:
@@ -239,7 +243,8 @@ def _write_split(root: Path, split: str, rows: list[dict[str, Any]], pngs: dict[
     prov = {"id": [r["id"] for r in rows], "theme": [r["sprite"].theme for r in rows],
             "element": [r["sprite"].element for r in rows], "sound": [r["sprite"].sound for r in rows],
             "english": [r["english"] for r in rows], "audio_language": [r["audio_language"] for r in rows],
-            "audio_file": [str(r["audio_file"]) for r in rows], "text_language": [r["text_language"] for r in rows],
+            "audio_file": [str(r["audio_file"]) for r in rows],
+            "text_language": [r["text_language"] for r in rows],
             "missing": [r["missing"] for r in rows]}
     kw: dict[str, Any] = {"compression": "zstd", "compression_level": 3, "row_group_size": ROW_GROUP_ROWS,
                           "use_dictionary": ["split", "label"], "write_statistics": True}

@@ -24,7 +24,8 @@ def _audio_info(path: Path, cache: dict[Path, tuple[int, int, float, str]]) -> t
         import soundfile as sf
 
         i = sf.info(str(path))
-        cache[path] = (int(i.samplerate), int(i.channels), round(float(i.duration), 3), f"{i.format}/{i.subtype}")
+        cache[path] = (int(i.samplerate), int(i.channels), round(float(i.duration), 3),
+                       f"{i.format}/{i.subtype}")
     return cache[path]
 
 
@@ -49,7 +50,8 @@ def _split_stats(rows: list[dict[str, Any]], pngs: dict[Sprite, bytes],
         "modality_missing": {m: n - c for m, c in present.items()},
         "text_languages": dict(sorted(Counter(r["text_language"] or "(none)" for r in rows).items())),
         "audio_languages": dict(sorted(Counter(r["audio_language"] for r in rows).items())),
-        "image": {"mode": "RGBA", "width": _range([w for w, _ in sizes]), "height": _range([h for _, h in sizes])},
+        "image": {"mode": "RGBA", "width": _range([w for w, _ in sizes]),
+                  "height": _range([h for _, h in sizes])},
         "audio": {"sample_rates": dict(sorted(Counter(a[0] for a in audio).items())),
                   "channels": dict(sorted(Counter(a[1] for a in audio).items())),
                   "formats": dict(sorted(Counter(a[3] for a in audio).items())),
@@ -57,8 +59,10 @@ def _split_stats(rows: list[dict[str, Any]], pngs: dict[Sprite, bytes],
     }
 
 
-def data_card(name: str, version: int, variant: str, seed: int, src: Sources, plan: dict[str, list[dict[str, Any]]],
-              pngs: dict[Sprite, bytes], root: Path, settings: dict[str, Any]) -> dict[str, Any]:
+def data_card(name: str, version: int, variant: str, seed: int, src: Sources,
+              plan: dict[str, list[dict[str, Any]]], pngs: dict[Sprite, bytes], root: Path,
+              settings: dict[str, Any]) -> dict[str, Any]:
+    """The data card of a finished build (`root` holds its Parquet files)."""
     cache: dict[Path, tuple[int, int, float, str]] = {}
     splits = {s: _split_stats(rows, pngs, cache) for s, rows in plan.items()}
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "data_card.json")
@@ -68,34 +72,36 @@ def data_card(name: str, version: int, variant: str, seed: int, src: Sources, pl
         "variant": variant,
         "seed": seed,
         "builder": f"mmfusion.datasets.ktuberling (mmfusion {mmfusion.__version__})",
-        "description": "KDE KTuberling objects: a sprite (RGBA PNG rendered from the theme's SVG), a real recording "
-                       "of the object's spoken name in one of many languages (the package's OGG/Opus/WAV file as "
-                       "shipped), and the object's name from a FreeDict dictionary; label = the theme. Modalities "
-                       "are aligned by object. Real data, no synthesis; only the sprite zoom and row choices are "
-                       "the builder's.",
+        "description": "KDE KTuberling objects: a sprite (RGBA PNG rendered from the theme's SVG), a "
+                       "real recording of the object's spoken name in one of many languages (the package's "
+                       "OGG/Opus/WAV file as shipped), and the object's name from a FreeDict dictionary; "
+                       "label = the theme. Modalities are aligned by object. Real data, no synthesis; only "
+                       "the sprite zoom and the row choices are the builder's.",
         "modalities": ["image", "text", "audio"],
         "labels": sorted(set(settings["labels"].values())),
         "schema": {"id": "string", "split": "string", "image": "binary (PNG, RGBA, transparent background)",
                    "text": "string (one dictionary sense of the object's name, or null)",
                    "audio": "binary (OGG Vorbis, OGG Opus or WAV, as shipped by ktuberling-data)",
                    "label": "string (the theme)"},
-        "layout": "<split>.parquet; per-row provenance (theme, SVG element, sound, languages, file) in _provenance/",
+        "layout": "<split>.parquet; per-row provenance (theme, SVG element, sound, languages, file) in "
+                  "_provenance/<split>.parquet",
         "held_out": {
-            "test": "sprites never seen in train or val (stratified per theme); texts in languages train never "
-                    f"reads ({', '.join(settings['text_languages']['test'])}); object names no training row says "
-                    "(objects whose sound name has no training sprite)",
+            "test": "sprites never seen in train or val (stratified per theme); texts in languages train "
+                    f"never reads ({', '.join(settings['text_languages']['test'])}); object names that no "
+                    "training row says (objects whose sound name has no training sprite)",
             "val": "sprites never seen in train; the training text languages",
         },
-        "pairing": "aligned by object: each row is one sprite with a recording of its name in one language (up to "
-                   f"{settings['audio_per_sprite']} languages per sprite, seeded) and a dictionary name of the same "
-                   "object in one of the split's text languages (seeded language and sense)",
-        "missing": f"{settings['missing_share']:.0%} of the rows lose their image or their audio (seeded); a text is "
-                   "null where no dictionary of the split's languages has the object's name",
+        "pairing": "aligned by object: each row is one sprite with a recording of its name in one language "
+                   f"(up to {settings['audio_per_sprite']} languages per sprite, seeded) and a dictionary "
+                   "name of the same object in one of the split's text languages (seeded language and sense)",
+        "missing": f"{settings['missing_share']:.0%} of the rows lose their image or their audio (seeded); a "
+                   "text is null where no dictionary of the split's languages has the object's name",
         "settings": settings,
         "sources": {
             "debian_packages": src.packages,
-            "text_dictionaries": {lang: f"dict-freedict-eng-{code}" for lang, code in FREEDICT_LANGUAGES.items()},
-            "sprites": {"count": len(src.sprites), "themes": dict(sorted(Counter(s.theme for s in src.sprites).items()))},
+            "text_dictionaries": {lang: f"dict-freedict-eng-{c}" for lang, c in FREEDICT_LANGUAGES.items()},
+            "sprites": {"count": len(src.sprites),
+                        "themes": dict(sorted(Counter(s.theme for s in src.sprites).items()))},
             "recordings": {"sound_names": len(src.recordings),
                            "languages": dict(sorted(Counter(lang for r in src.recordings.values()
                                                             for lang in r).items()))},

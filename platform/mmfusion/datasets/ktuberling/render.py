@@ -1,7 +1,7 @@
 """KTuberling sprites: one SVG element of a theme's game board -> an RGBA PNG with a transparent background.
 
-rsvg-convert (librsvg2-bin) renders the element alone (`--export-id`) at the theme's zoom, cropped to its visible
-pixels; see render_sprite for the size limits. The result keeps the sprites' varied sizes and aspect ratios.
+rsvg-convert (librsvg2-bin) renders the element alone (`--export-id`) at the theme's zoom, cropped to its
+visible pixels; see render_sprite for the size limits. The sprites keep their varied sizes and aspect ratios.
 """
 
 from __future__ import annotations
@@ -25,19 +25,20 @@ log = logging.getLogger(__name__)
 MAX_SIDE = 400  # px: the longest side of a stored sprite
 MIN_SIDE = 32  # px: smaller visible parts are rendered again at a larger zoom
 MAX_CANVAS = 4096  # px: the largest render of an element's bounding box
-# Zoom per theme: the boards are drawn at different scales, and an element's bounding box is often much larger than
-# its visible part. At these zooms the median visible sprite is 60-120 px (measured on ktuberling-data 22.12).
+# Zoom per theme: the boards are drawn at different scales, and an element's bounding box is often much larger
+# than its visible part. At these zooms the median visible sprite is 60-120 px (ktuberling-data 22.12).
 THEME_ZOOM = {"butterflies": 6.0, "default_theme": 5.0, "robot_workshop": 5.0, "train_valley": 8.0,
-              "christmas": 2.0, "robin-tux": 2.0, "potato-game": 2.0, "pizzeria": 1.5, "egypt": 1.0, "moon": 1.0}
+              "christmas": 2.0, "robin-tux": 2.0, "potato-game": 2.0, "pizzeria": 1.5, "egypt": 1.0,
+              "moon": 1.0}
 
 
 def _rsvg(rsvg: Path, sprite: Sprite, zoom: float, tmp: Path) -> Any:
-    """Render the element at `zoom` -> PIL RGBA image (the element's bounding box, often with empty margins)."""
+    """Render the element at `zoom` -> PIL RGBA image of its bounding box (often with empty margins)."""
     from PIL import Image
 
     out = tmp / f"{sprite.theme}__{sprite.element}.png"
-    cmd = [str(rsvg), f"--export-id={sprite.element}", "--zoom", f"{zoom:.4f}", "--format=png", "-o", str(out),
-           str(sprite.board)]
+    cmd = [str(rsvg), f"--export-id={sprite.element}", "--zoom", f"{zoom:.4f}", "--format=png",
+           "-o", str(out), str(sprite.board)]
     try:
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     except FileNotFoundError as e:
@@ -56,8 +57,8 @@ def render_sprite(rsvg: Path, sprite: Sprite, tmp: Path) -> bytes | None:
     """Render one sprite, cropped to its visible pixels -> PNG bytes (RGBA), or None if nothing is visible.
 
     A sprite whose visible part is under MIN_SIDE px at the theme's zoom is rendered again at a power-of-two
-    larger zoom (vector art: sharp, and small objects stay smaller than large ones); one over MAX_SIDE is scaled
-    down (premultiplied alpha, so that transparent pixels do not bleed colour into the edges)."""
+    larger zoom (vector art: sharp, and small objects stay smaller than large ones); one over MAX_SIDE is
+    scaled down (premultiplied alpha, so that transparent pixels do not bleed colour into the edges)."""
     from PIL import Image
 
     zoom = THEME_ZOOM.get(sprite.theme, 1.0)

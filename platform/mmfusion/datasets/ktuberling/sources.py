@@ -1,6 +1,6 @@
 """KTuberling sources: the Debian packages' files, parsed (themes, recorded sounds, FreeDict glosses).
 
-Everything is located with `dpkg -L` (never a hard-coded path), so a missing package is an error that names it.
+Everything is located with `dpkg -L` (never a hard-coded path): a missing package is an error that names it.
     ktuberling-data            pics/<theme>.theme (objects: SVG id -> sound name), pics/<board>.svg(z),
                                sounds/<lang>.soundtheme (sound name -> recorded file), sounds/<lang>/*
     librsvg2-bin               rsvg-convert, which renders one SVG element to an RGBA PNG
@@ -66,7 +66,7 @@ def run(cmd: list[str], what: str) -> str:
 
 
 def _need(package: str) -> str:
-    return f"the Debian package {package} is needed; install it with `make sysdeps` (apt-get install {package})"
+    return f"the Debian package {package} is needed: `make sysdeps` or `apt-get install {package}`"
 
 
 def package_files(package: str) -> list[Path]:
@@ -201,7 +201,8 @@ def load_sources() -> Sources:
     glosses, dict_files = _glosses(sounds)
     used = sorted({s.board for s in sprites} | {p for s in sounds for p in recordings[s].values()}
                   | {p for p in files if p.suffix in (".theme", ".soundtheme")} | set(dict_files))
-    packages = [KTUBERLING_PACKAGE, RSVG_PACKAGE] + [f"dict-freedict-eng-{c}" for c in FREEDICT_LANGUAGES.values()]
+    packages = [KTUBERLING_PACKAGE, RSVG_PACKAGE]
+    packages += [f"dict-freedict-eng-{c}" for c in FREEDICT_LANGUAGES.values()]
     log.info("sources: %d sprites in %d themes, %d sound names, %d recordings", len(sprites),
              len({s.theme for s in sprites}), len(sounds), sum(len(recordings[s]) for s in sounds))
     return Sources(sprites=sprites, recordings={s: recordings[s] for s in sounds}, glosses=glosses, rsvg=rsvg,
