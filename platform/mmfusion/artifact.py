@@ -9,7 +9,8 @@
 
 config.yaml and labels.json are parsed in one place, `read_artifact_info`, which imports no torch: the serving
 ingress uses it to validate requests and describe the model. `load_artifact` adds the model (torch is imported
-then); training's export, `mmfusion evaluate`, `mmfusion predict` and the serving replicas load it that way.
+then); training's export, `mmfusion evaluate` and the serving replicas load it that way. (Batch prediction
+over a dataset does not exist yet.)
 An artifact given as a remote URI (s3://, gs://) is copied once into a node-local cache folder
 (`localize_artifact`); a local path or a file:// URI is used in place.
 """
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS, CONFIG, LABELS, METRICS = "model.safetensors", "config.yaml", "labels.json", "metrics.json"
 REQUIRED = (WEIGHTS, CONFIG, LABELS)
-CACHE_ENV = "MMFUSION_ARTIFACT_CACHE"  # where URI artifacts are copied (default: ~/.cache/mmfusion/artifacts)
+# where remote artifacts are copied (default: ~/.cache/mmfusion/artifacts)
+CACHE_ENV = "MMFUSION_ARTIFACT_CACHE"
 
 
 def save_artifact(out: str | Path, state_dict: dict[str, torch.Tensor], cfg: ExperimentConfig,

@@ -21,6 +21,7 @@ from typing import Literal
 Modality = Literal["image", "text", "audio"]
 # canonical order: presence-mask columns, encoders and request fields follow it
 MODALITIES: tuple[Modality, ...] = ("image", "text", "audio")
+MEDIA: tuple[Modality, ...] = ("image", "audio")  # carried as encoded bytes (files, Parquet binary, base64)
 
 # The batch keys each modality's encoder reads; the first is its main tensor.
 INPUT_KEYS: dict[str, tuple[str, ...]] = {

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmfusion.batch import MODALITIES
 from mmfusion.errors import MmfusionError
 
 if TYPE_CHECKING:
@@ -204,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("artifact", help="artifact folder written by `mmfusion train`")
     e.add_argument("--data", help="dataset folder or manifest (default: the artifact's data.path)")
     e.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    e.add_argument("--modalities", nargs="+", choices=["image", "text", "audio"],
+    e.add_argument("--modalities", nargs="+", choices=MODALITIES,
                    help="hide the other modalities (robustness to a missing modality)")
     e.add_argument("--address", help="Ray cluster address for large inputs (default: local, no Ray for small)")
 
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--json", action="store_true", help="send JSON with base64 media instead of multipart")
     rq.add_argument("--data", help="send every record of a dataset split instead (dataset folder or manifest)")
     rq.add_argument("--split", default="test", help="split for --data (default: test)")
-    rq.add_argument("--modalities", nargs="+", choices=["image", "text", "audio"],
+    rq.add_argument("--modalities", nargs="+", choices=MODALITIES,
                     help="with --data: send only these modalities")
     rq.add_argument("--concurrency", type=int, default=8, help="requests in flight with --data (default: 8)")
     rq.add_argument("--limit", type=int, help="with --data: at most this many records")

@@ -18,11 +18,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mmfusion.batch import MODALITIES, Modality
 from mmfusion.config_merge import apply_overrides, parse_override, read_yaml  # noqa: F401 (re-exported)
 from mmfusion.errors import ConfigError
-
-Modality = Literal["image", "text", "audio"]
-MODALITIES: tuple[str, ...] = ("image", "text", "audio")  # canonical order: presence-mask columns follow it
 
 
 class Strict(BaseModel):
@@ -57,7 +55,7 @@ class AudioPreprocessConfig(Strict):
 
 class DataConfig(Strict):
     path: str  # dataset root (folder with train/val/test files) or one Parquet/JSONL/CSV manifest
-    modalities: list[Modality] = ["image", "text", "audio"]  # which columns feed the model
+    modalities: list[Modality] = list(MODALITIES)  # which columns feed the model
     label_column: str = "label"
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # used only when the data has no val split
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)  # above this share of undecodable rows the run stops

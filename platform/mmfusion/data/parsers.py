@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmfusion.batch import MODALITIES
+from mmfusion.batch import MEDIA, MODALITIES
 from mmfusion.data.labels import label_key
-from mmfusion.data.schema import MEDIA, RAW_SCHEMA, SPLIT_ALIASES, SourceFile
+from mmfusion.data.schema import RAW_SCHEMA, SPLIT_ALIASES, SourceFile
 from mmfusion.errors import DataError
 from mmfusion.storage import filesystem, read_bytes
 

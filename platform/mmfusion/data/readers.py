@@ -23,11 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from mmfusion.batch import MODALITIES
+from mmfusion.batch import MEDIA, MODALITIES
 from mmfusion.data.labels import sort_labels
 from mmfusion.data.parsers import manifest_columns, open_parquet, parquet_table, parse_manifest
 from mmfusion.data.rejects import is_rejects_file
-from mmfusion.data.schema import MEDIA, RECORD_SCHEMA, SPLIT_ALIASES, SPLITS, SourceFile
+from mmfusion.data.schema import RECORD_SCHEMA, SPLIT_ALIASES, SPLITS, SourceFile
 from mmfusion.errors import DataError
 from mmfusion.storage import filesystem, is_uri, local_path, read_bytes
 

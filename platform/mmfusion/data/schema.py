@@ -22,12 +22,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from mmfusion.batch import MODALITIES
-
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "dev": "val", "test": "test", "testing": "test"}
-MEDIA = tuple(m for m in MODALITIES if m != "text")  # columns holding encoded bytes or a path/URI to them
 
 RAW_SCHEMA = pa.schema([
     ("id", pa.string()),

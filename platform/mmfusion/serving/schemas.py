@@ -26,10 +26,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from mmfusion.batch import MEDIA, MODALITIES
 from mmfusion.errors import ConfigError
 
-MODALITY_FIELDS: tuple[str, ...] = ("image", "text", "audio")  # canonical order (mmfusion.config.MODALITIES)
-MEDIA_FIELDS: tuple[str, ...] = ("image", "audio")  # sent as bytes (multipart files or base64 in JSON)
 DEFAULT_MAX_REQUEST_BYTES = 10 * 1024 * 1024
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[\w.+-]+)*;base64,", re.IGNORECASE)
 
@@ -110,7 +109,7 @@ class Inputs:
     def given(self) -> list[str]:
         """Modalities present, canonical order; an empty text is a missing text (as in training data)."""
         out = []
-        for m in MODALITY_FIELDS:
+        for m in MODALITIES:
             v = getattr(self, m)
             if v is not None and not (m == "text" and v == ""):
                 out.append(m)
@@ -192,8 +191,8 @@ def parse_json_body(body: bytes) -> Inputs:
     if not isinstance(obj, dict):
         raise RequestError(422, "body", f"expected a JSON object with image, text and/or audio, got {_type_name(obj)}")
     for k in obj:
-        if k not in MODALITY_FIELDS:
-            raise RequestError(422, str(k), f"unknown field {str(k)!r}; allowed: {', '.join(MODALITY_FIELDS)}")
+        if k not in MODALITIES:
+            raise RequestError(422, str(k), f"unknown field {str(k)!r}; allowed: {', '.join(MODALITIES)}")
     text = obj.get("text")
     if text is not None and not isinstance(text, str):
         raise RequestError(422, "text", f"expected a string, got {_type_name(text)}")
@@ -216,12 +215,12 @@ def inputs_from_parts(parts: Sequence[FormPart]) -> Inputs:
         raise RequestError(400, "body", "empty multipart body: send image, text and/or audio fields")
     seen: dict[str, bytes | str] = {}
     for p in parts:
-        if p.name not in MODALITY_FIELDS:
+        if p.name not in MODALITIES:
             raise RequestError(422, p.name or "body",
-                               f"unknown field {p.name!r}; allowed: {', '.join(MODALITY_FIELDS)}")
+                               f"unknown field {p.name!r}; allowed: {', '.join(MODALITIES)}")
         if p.name in seen:
             raise RequestError(422, p.name, "given more than once")
-        if p.name in MEDIA_FIELDS:
+        if p.name in MEDIA:
             if not p.is_file:
                 raise RequestError(422, p.name, f"send {p.name} as a file upload (curl -F {p.name}=@FILE), "
                                                 "or as base64 in a JSON body")
