@@ -59,8 +59,8 @@ def inspect_dataset(path: str, label_column: str = "label") -> str:
 
 
 def _report(path: str, label_column: str, summary: readers.DatasetSummary, rows: Counter[str],
-            classes: dict[str, Counter[str]], present: dict[str, Counter[str]], mods: list[str], bad: list[dict[str, object]],
-            rejects_path: object) -> str:
+            classes: dict[str, Counter[str]], present: dict[str, Counter[str]], mods: list[str],
+            bad: list[dict[str, object]], rejects_path: object) -> str:
     order = {s: i for i, s in enumerate(schema.SPLITS)}
     splits = sorted(rows, key=lambda s: (order.get(s, 99), s))
     total = sum(rows.values())
@@ -86,7 +86,8 @@ def _report(path: str, label_column: str, summary: readers.DatasetSummary, rows:
     lines += ["", "modality presence (decoded fields of the rows that are not rejected)"]
     lines.append(f"  {'split':<8}{'rows':>8}{'good':>8}" + "".join(f"{m:>8}" for m in mods))
     for s in splits:
-        lines.append(f"  {s:<8}{rows[s]:>8}{present[s]['good']:>8}" + "".join(f"{present[s][m]:>8}" for m in mods))
+        counts = "".join(f"{present[s][m]:>8}" for m in mods)
+        lines.append(f"  {s:<8}{rows[s]:>8}{present[s]['good']:>8}" + counts)
     absent = [m for m in MODALITIES if m not in mods]
     if absent:
         lines.append(f"  (no {', '.join(absent)} column)")
@@ -98,7 +99,8 @@ def _report(path: str, label_column: str, summary: readers.DatasetSummary, rows:
     by_mod = Counter(rejects.split_error(str(b["error"]))[0] for b in bad)
     lines.append(f"rejects  {len(bad)} ({len(bad) / max(total, 1):.1%}) -> {rejects_path}")
     lines.append("  by field: " + ", ".join(f"{m} {n}" for m, n in sorted(by_mod.items())))
-    for b in sorted(bad, key=lambda b: (str(b["source"]), int(b["row"])))[:SHOW_REJECTS]:  # type: ignore[call-overload]
+    first = sorted(bad, key=lambda b: (str(b["source"]), int(b["row"])))  # type: ignore[call-overload]
+    for b in first[:SHOW_REJECTS]:
         lines.append(f"  {b['split']:<6} {b['id']}  {b['error']}")
     if len(bad) > SHOW_REJECTS:
         lines.append(f"  ... {len(bad) - SHOW_REJECTS} more in the rejects file")

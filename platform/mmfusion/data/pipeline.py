@@ -1,4 +1,5 @@
-"""The Ray Data pipeline: records -> preprocessed, validated train/val(/test) datasets -> collated torch batches.
+"""The Ray Data pipeline: records -> preprocessed, validated train/val(/test) datasets -> collated torch
+batches.
 
     summarize (driver: columns, rows per split, labels)
       -> from_items(read units).map_batches(read + load media, TaskPoolStrategy)        # readers.py
@@ -73,8 +74,8 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
         splits: which of "train", "val", "test" to build. A missing val split is carved out of train
             (cfg.val_fraction of it, chosen by a hash of the row id and `seed`, so it is stable across runs).
         seed: the experiment seed (val carve-out only).
-        labels: class names to index labels with (an artifact's labels at evaluation time); default: the sorted
-            unique labels of the train split.
+        labels: class names to index labels with (an artifact's labels at evaluation time); default: the
+            sorted unique labels of the train split.
     Returns:
         A DatasetBundle; each dataset has the columns of the batch contract (mmfusion.batch).
     Raises:
@@ -87,8 +88,9 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
     absent = [m for m in cfg.modalities if m not in summary.columns]
     if absent:
         raise DataError(
-            f"data.modalities includes {', '.join(repr(m) for m in absent)} but the dataset {cfg.path} has no "
-            f"{' or '.join(absent)} column (columns found: {', '.join(sorted(summary.columns)) or 'none'})"
+            f"data.modalities includes {', '.join(repr(m) for m in absent)} but the dataset {cfg.path} has "
+            f"no {' or '.join(absent)} column "
+            f"(columns found: {', '.join(sorted(summary.columns)) or 'none'})"
         )
     if "label" not in summary.columns:
         raise DataError(f"the dataset {cfg.path} has no {cfg.label_column!r} column (data.label_column)")
@@ -101,14 +103,15 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
         if summary.rows.get(s, 0) == 0 and not (s == "val" and carve_val):
             raise DataError(f"the dataset {cfg.path} has no {s!r} rows (found: {found})")
     if carve_val and summary.rows.get("train", 0) == 0:
-        raise DataError(f"the dataset {cfg.path} has neither val nor train rows to take val from (found: {found})")
+        raise DataError(f"the dataset {cfg.path} has neither val nor train rows to take val from "
+                        f"(found: {found})")
     read_splits = sorted(set(splits) | ({"train"} if carve_val else set()))
     tokenizer = load_tokenizer(cfg.text) if "text" in cfg.modalities else None
     spec = input_spec(cfg, tokenizer)  # fails fast on a bad preprocessing config, before any actor starts
 
     processed = _preprocessed(cfg, summary, read_splits, labels).materialize()
     num_rows = processed.count()
-    bad_rows = processed.filter(expr=col("error") != "").select_columns(["id", "split", "source", "row", "error"])
+    bad_rows = processed.filter(expr=col("error") != "").select_columns([*META_COLUMNS, "error"])
     bad = bad_rows.take_all()
     empty = [r for r in bad if str(r["error"]).startswith(EMPTY_ROW)]  # fine rows, just not for this model
     bad = [r for r in bad if not str(r["error"]).startswith(EMPTY_ROW)]
@@ -121,8 +124,10 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
     good = processed.filter(expr=col("error") == "")
     if carve_val:
         threshold = _val_threshold(good, cfg.val_fraction, seed)
-        log.info("no val split in %s: using %.0f%% of train as val (seed %d)", cfg.path, 100 * cfg.val_fraction, seed)
-        good = good.map_batches(_carve_val, batch_format="pyarrow", fn_kwargs={"seed": seed, "threshold": threshold})
+        log.info("no val split in %s: using %.0f%% of train as val (seed %d)", cfg.path,
+                 100 * cfg.val_fraction, seed)
+        good = good.map_batches(_carve_val, batch_format="pyarrow",
+                                fn_kwargs={"seed": seed, "threshold": threshold})
     drop = [c for c in (*META_COLUMNS, "error") if c in processed.columns()]
 
     out: dict[str, ray.data.Dataset | None] = {s: None for s in schema.SPLITS}
@@ -156,8 +161,8 @@ def _preprocessed(cfg: DataConfig, summary: readers.DatasetSummary, splits: list
     if cfg.read_parallelism > 0:
         read_kwargs["compute"] = TaskPoolStrategy(size=cfg.read_parallelism)
     if actors > 1:
-        # a resource request unlike the Preprocessor's keeps Ray from fusing reads into the actors, so the blocks
-        # a read task streams out (cut to PREPROCESS_BLOCK rows) are spread over the whole actor pool
+        # a resource request unlike the Preprocessor's keeps Ray from fusing reads into the actors, so the
+        # blocks a read task streams out (cut to PREPROCESS_BLOCK rows) are spread over the whole actor pool
         read_kwargs["num_cpus"] = READ_CPUS
     ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         _read_units, batch_size=1, batch_format="pyarrow",
@@ -176,8 +181,10 @@ def _preprocessed(cfg: DataConfig, summary: readers.DatasetSummary, splits: list
     )
 
 
-def _read_units(batch: pa.Table, label_column: str, splits: list[str], modalities: list[str]) -> Iterator[pa.Table]:
-    """Ray task: read units (Parquet row groups / manifest slices) -> RECORD_SCHEMA tables with media loaded."""
+def _read_units(batch: pa.Table, label_column: str, splits: list[str], modalities: list[str],
+                ) -> Iterator[pa.Table]:
+    """Ray task: read units (Parquet row groups / manifest slices) -> RECORD_SCHEMA tables with media
+    loaded."""
     for row in batch.to_pylist():
         unit = readers.ReadUnit.from_row(row)
         for tb in readers.read_unit(unit, label_column, set(splits), modalities):
@@ -200,10 +207,8 @@ def _write_rejects(cfg: DataConfig, bad: list[dict[str, Any]]) -> Path | None:
 
 def _id_hash(ids: list[str], seed: int) -> np.ndarray:
     """Stable uint64 per id (blake2b of "seed:id"): order-independent, same on every node and run."""
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little") for i in ids],
-        dtype=np.uint64,
-    )
+    digests = (hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest() for i in ids)
+    return np.array([int.from_bytes(d, "little") for d in digests], dtype=np.uint64)
 
 
 def _val_threshold(good: ray.data.Dataset, fraction: float, seed: int) -> int:
@@ -245,7 +250,8 @@ class MMCollate(NumpyBatchCollateFn):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         missing = [k for k in self.required if k not in batch]
         if missing:
-            raise DataError(f"batch lacks {missing} (has {sorted(batch)}): is this dataset from build_datasets?")
+            raise DataError(f"batch lacks {missing} (has {sorted(batch)}): "
+                            "is this dataset from build_datasets?")
         out = {}
         for k, v in batch.items():
             dtype = self.DTYPES.get(k)
@@ -254,8 +260,9 @@ class MMCollate(NumpyBatchCollateFn):
         return out
 
 
-def iter_torch_batches(ds: ray.data.Dataset | ray.data.DataIterator, batch_size: int, spec: InputSpec | None = None,
-                       shuffle_seed: int | None = None, shuffle_buffer: int | None = None, drop_last: bool = False,
+def iter_torch_batches(ds: ray.data.Dataset | ray.data.DataIterator, batch_size: int,
+                       spec: InputSpec | None = None, shuffle_seed: int | None = None,
+                       shuffle_buffer: int | None = None, drop_last: bool = False,
                        device: str | Literal["auto"] = "auto", prefetch_batches: int = 1,
                        ) -> Iterator[dict[str, torch.Tensor]]:
     """Collated torch batches from a dataset or a Train shard. shuffle_seed turns on a local shuffle buffer;
