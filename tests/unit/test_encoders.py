@@ -244,3 +244,20 @@ def test_resnet_frozen_and_named_weights() -> None:
 def test_cnn_rejects_empty_channel_list() -> None:
     with pytest.raises(ConfigError, match="conv stage"):
         build("image", CnnImageEncoderConfig(channels=[], dim=8))
+
+
+def test_cnn_stacks_normalize_whatever_the_input_scale() -> None:
+    """BatchNorm after every conv: activations keep unit scale on badly scaled inputs (RGB with a rough
+    mean/std, log-mel in dB), and eval mode (running statistics) serves a batch of one."""
+    from mmfusion.models.encoders import ConvStack
+
+    torch.manual_seed(0)
+    stack = ConvStack(3, (64, 64), [8, 16, 32], dim=16, dropout=0.0)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in stack.features) == 3
+    x = torch.rand(8, 3, 64, 64) * 40.0 + 100.0  # far from zero-mean, unit-variance
+    stack.train()
+    for scale in (1.0, 1e3):
+        out = stack(x * scale)
+        assert torch.isfinite(out).all() and 0.01 < float(out.std()) < 10.0
+    stack.eval()
+    assert stack(x[:1]).shape == (1, 16)

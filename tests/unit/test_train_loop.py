@@ -128,9 +128,15 @@ def test_nan_input_is_named_in_the_error():
 def test_user_error_is_unwrapped_from_ray_trains_failure():
     from ray.train import WorkerGroupError
 
+    from mmfusion.errors import DecodeError, MmfusionError
+
     cause = TrainingDivergedError("the training loss became nan at epoch 2, step 7")
-    assert user_error(WorkerGroupError("boom", {1: ValueError("x"), 0: cause})) is cause
-    assert user_error(WorkerGroupError("boom", {0: ValueError("x")})) is None
+    err = user_error(WorkerGroupError("boom", {1: ValueError("x"), 0: cause}), "training run r failed")
+    assert type(err) is TrainingDivergedError
+    assert str(err) == "training run r failed: the training loss became nan at epoch 2, step 7"
+    err = user_error(WorkerGroupError("boom", {0: DecodeError("image", "bad bytes")}), "run r")
+    assert type(err) is MmfusionError and str(err) == "run r: image: bad bytes"
+    assert user_error(WorkerGroupError("boom", {0: ValueError("x")}), "run r") is None
 
 
 def test_balanced_class_weights_change_the_loss_as_computed_by_hand():

@@ -66,9 +66,9 @@ def run_training(cfg: ExperimentConfig, address: str | None = None) -> TrainRun:
     except ray.train.TrainingFailedError as e:
         from mmfusion.train.worker import user_error
 
-        cause = user_error(e)  # e.g. TrainingDivergedError: show its one line, not the worker traceback
+        cause = user_error(e, f"training run {name} failed")  # e.g. TrainingDivergedError: its one line
         if cause is not None:
-            raise type(cause)(f"training run {name} failed: {cause}") from None
+            raise cause from None
         raise MmfusionError(f"training run {name} failed: {e}") from None
     return export_run(result, cfg, bundle, name, storage)
 

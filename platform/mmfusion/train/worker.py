@@ -50,8 +50,9 @@ def _quiet_ray_train_logs() -> None:
         pass
 
 
-def user_error(e: BaseException) -> MmfusionError | None:
-    """The MmfusionError a worker raised, out of Ray Train's TrainingFailedError (None when there is none).
+def user_error(e: BaseException, context: str) -> MmfusionError | None:
+    """`context: <message>` of the MmfusionError a worker raised, out of Ray Train's TrainingFailedError, as
+    an error of the same class where it takes one message (else a MmfusionError); None when there is none.
 
     Ray Train V2 wraps worker exceptions in WorkerGroupError.worker_failures (rank -> exception); the user
     should read our one-line message (e.g. the diverged loss's epoch and step), not a worker traceback.
@@ -61,7 +62,10 @@ def user_error(e: BaseException) -> MmfusionError | None:
         err = failures[rank]
         err = getattr(err, "_base_exc", err)  # UserExceptionWithTraceback, when not unwrapped already
         if isinstance(err, MmfusionError):
-            return err
+            try:
+                return type(err)(f"{context}: {err}")
+            except TypeError:  # a subclass with another constructor (DecodeError)
+                return MmfusionError(f"{context}: {err}")
     return None
 
 
