@@ -1,4 +1,4 @@
-"""KTuberling, the second built-in dataset: the build's plan (from the Debian packages' files, no rendering) and
+"""KTuberling, the second built-in dataset: the plan (from the Debian packages' files, no rendering) and
 a tiny build (schema, RGBA sprites, varied audio, missing fields, determinism, output-folder errors, inspect).
 
 Needs the Debian packages in the Makefile's APT_PACKAGES (`make sysdeps`); the tiny build takes a few seconds.
@@ -51,6 +51,7 @@ def test_sources_are_real_and_heterogeneous(src: sources.Sources) -> None:
     assert len(src.sprites) > 400 and len({s.theme for s in src.sprites}) == 10
     langs = Counter(lang for rec in src.recordings.values() for lang in rec)
     assert {"en", "de", "ru", "uk", "fr", "ca"} <= set(langs)  # Latin and Cyrillic speakers
+    assert "sr" in langs and not any("@" in lang for lang in langs)  # sr@latin etc. are copies of sr: once
     assert src.packages["ktuberling-data"] and all(len(h) == 64 for h in src.files.values())
     assert any(any("а" <= ch <= "я" for ch in s) for g in src.glosses.values() for s in g.get("ru", []))
 

@@ -112,14 +112,21 @@ def _themes(files: list[Path]) -> list[Sprite]:
 
 
 def _recordings(files: list[Path]) -> dict[str, dict[str, Path]]:
+    """Sound name -> language -> file. A recording shipped again under another language code (sr@latin,
+    sr@ijekavian, ... are byte-identical copies of sr) is kept once, under the first code in sorted order."""
     out: dict[str, dict[str, Path]] = {}
+    seen: set[tuple[str, str]] = set()  # (sound name, sha256)
     for st in sorted(p for p in files if p.suffix == ".soundtheme"):
         root = ET.parse(st).getroot()
         lang = root.get("code") or st.stem
         for snd in root.iter("sound"):
-            path = st.parent / str(snd.get("file"))
-            if snd.get("name") and path.is_file():  # id.soundtheme names files the package does not ship
-                out.setdefault(str(snd.get("name")), {})[lang] = path
+            name, path = str(snd.get("name") or ""), st.parent / str(snd.get("file"))
+            if not name or not path.is_file():  # id.soundtheme names files the package does not ship
+                continue
+            key = (name, sha256(path))
+            if key not in seen:
+                seen.add(key)
+                out.setdefault(name, {})[lang] = path
     return out
 
 
