@@ -35,6 +35,9 @@ class ImagePreprocessConfig(Strict):
     channels: Literal[1, 3] = 1  # 1 = grayscale, 3 = RGB
     mean: list[float] = [0.5]  # per-channel normalization (one value is broadcast)
     std: list[float] = [0.5]
+    # colour under transparent pixels (RGBA, LA, P with transparency), composited before resizing: 0-255,
+    # one value (gray) or R, G, B. White: sprites, icons and scans are usually drawn for a white page.
+    background: list[Annotated[int, Field(ge=0, le=255)]] = [255]
 
 
 class TextPreprocessConfig(Strict):

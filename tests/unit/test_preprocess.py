@@ -67,6 +67,53 @@ def test_image_rgb_per_channel_stats_and_jpeg():
     assert gray_as_rgb.shape == (3, 16, 16)
 
 
+def rgba_png(stored: tuple[int, int, int] = (255, 0, 0), mode: str = "RGBA") -> bytes:
+    """A real 8x8 PNG: the left half an opaque mid-gray (128), the right half fully transparent pixels that
+    still store the colour `stored` (as an editor that erased them leaves it)."""
+    arr = np.zeros((8, 8, 4), np.uint8)
+    arr[:, :4] = (128, 128, 128, 255)
+    arr[:, 4:] = (*stored, 0)
+    im = Image.fromarray(arr, mode="RGBA")
+    if mode == "LA":
+        im = im.convert("LA")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparent_pixels_show_the_background_not_their_stored_colour(mode: str):
+    data = rgba_png((255, 0, 0), mode)
+    with Image.open(io.BytesIO(data)) as im:  # the file really keeps the hidden colour under alpha 0
+        hidden = im.getpixel((6, 6))  # red, or its luma 76 in LA
+        assert im.mode == mode and hidden[-1] == 0 and hidden[0] == (255 if mode == "RGBA" else 76)
+    cfg = ImagePreprocessConfig(size=8, channels=3, mean=[0.0], std=[1.0])  # default background: white
+    x = preprocess_image(data, cfg)  # (3, 8, 8) in [0, 1]
+    np.testing.assert_allclose(x[:, :, :4], 128 / 255, atol=1e-6)  # opaque pixels unchanged
+    np.testing.assert_allclose(x[:, :, 4:], 1.0, atol=1e-6)  # transparent: white, not red (or black)
+    gray = preprocess_image(data, cfg.model_copy(update={"background": [0, 64, 255]}))
+    np.testing.assert_allclose(gray[:, :, 6], np.array([[0.0], [64 / 255], [1.0]]).repeat(8, 1), atol=1e-6)
+    black = ImagePreprocessConfig(size=8, channels=1, mean=[0.0], std=[1.0], background=[0])
+    one = preprocess_image(data, black)
+    np.testing.assert_allclose(one[:, :, 4:], 0.0, atol=1e-6)  # a gray background on a grayscale model
+
+
+def test_palette_transparency_is_composited():
+    im = Image.new("P", (8, 8), 1)
+    im.putpalette([0, 255, 0, 255, 0, 0] + [0] * 762)  # index 0 green, index 1 red (transparent)
+    im.putpixel((0, 0), 0)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", transparency=1)
+    x = preprocess_image(buf.getvalue(), ImagePreprocessConfig(size=8, channels=3, mean=[0.0], std=[1.0]))
+    np.testing.assert_allclose(x[:, 0, 0], [0.0, 1.0, 0.0], atol=1e-6)  # opaque green stays green
+    np.testing.assert_allclose(x[:, 7, 7], [1.0, 1.0, 1.0], atol=1e-6)  # the transparent index is white
+
+
+def test_background_with_two_values_is_a_config_error():
+    with pytest.raises(ConfigError, match="background"):
+        input_spec(DataConfig(path="x", modalities=["image"], image={"channels": 3, "background": [1, 2]}))
+
+
 def test_image_is_deterministic():
     cfg = ImagePreprocessConfig(size=32)
     a, b = preprocess_image(noise_png(), cfg), preprocess_image(noise_png(), cfg)

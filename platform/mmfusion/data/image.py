@@ -1,8 +1,8 @@
 """Image preprocessing: encoded bytes -> normalized float pixels. `image_batch` is the one kernel; Ray Data
 (via the Preprocessor) and Serve (the encoder replicas) both call it. torchvision is imported when first used.
 
-    image bytes -> PIL decode (pixel budget checked first) -> torchvision v2 resize + scale + normalize
-                -> float32 (C, H, W)
+    image bytes -> PIL decode (pixel budget checked first) -> alpha composited onto data.image.background
+                -> torchvision v2 resize + scale + normalize -> float32 (C, H, W)
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from mmfusion.config import ImagePreprocessConfig
 from mmfusion.errors import ConfigError, DecodeError
 
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are rejected before decoding
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")  # PIL modes with an alpha channel
 
 
 def norm_stats(cfg: ImagePreprocessConfig) -> tuple[list[float], list[float]]:
@@ -38,8 +39,31 @@ def norm_stats(cfg: ImagePreprocessConfig) -> tuple[list[float], list[float]]:
     return mean, std
 
 
-def decode_image(data: Any, channels: int) -> torch.Tensor:
-    """Encoded PNG/JPEG/... bytes -> uint8 (C, H, W). DecodeError on empty, truncated or unknown bytes."""
+def background_rgb(cfg: ImagePreprocessConfig) -> tuple[int, int, int]:
+    """data.image.background as an RGB colour (one value is a gray)."""
+    bg = list(cfg.background)
+    if len(bg) not in (1, 3):
+        raise ConfigError(f"data.image.background has {len(bg)} values; give 1 (gray) or 3 (R, G, B)")
+    r, g, b = bg * 3 if len(bg) == 1 else bg
+    return r, g, b
+
+
+def _flatten_alpha(im: Any, background: tuple[int, int, int]) -> Any:
+    """An image with transparency (an alpha channel, or a palette/tRNS transparent colour) composited onto
+    `background`, so that transparent pixels show the background, not whatever colour they store. -> RGB"""
+    from PIL import Image
+
+    if im.mode not in ALPHA_MODES and "transparency" not in im.info:
+        return im
+    rgba = im.convert("RGBA")
+    base = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def decode_image(data: Any, channels: int, background: tuple[int, int, int] = (255, 255, 255),
+                 ) -> torch.Tensor:
+    """Encoded PNG/JPEG/... bytes -> uint8 (C, H, W), transparent pixels composited onto `background`.
+    DecodeError on empty, truncated or unknown bytes."""
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -51,7 +75,7 @@ def decode_image(data: Any, channels: int) -> torch.Tensor:
             if im.width * im.height > MAX_IMAGE_PIXELS:  # checked before decoding: no decompression bombs
                 raise DecodeError("image", f"too large ({im.width}x{im.height} pixels)")
             im.load()  # decodes fully: a truncated file fails here, not later
-            im = im.convert("L" if channels == 1 else "RGB")
+            im = _flatten_alpha(im, background).convert("L" if channels == 1 else "RGB")
     except Image.DecompressionBombError as e:
         raise DecodeError("image", f"too large ({e})") from None
     except UnidentifiedImageError:
@@ -77,6 +101,7 @@ def image_batch(values: Sequence[Any], cfg: ImagePreprocessConfig) -> tuple[np.n
     """Decode + resize + normalize a batch; None entries are skipped (zeros).
     -> float32 (N, C, H, W), errors."""
     mean, std = norm_stats(cfg)
+    background = background_rgb(cfg)
     resize, to_float = _image_transforms(cfg.size, tuple(mean), tuple(std))
     c, s = cfg.channels, cfg.size
     out = np.zeros((len(values), c, s, s), dtype=np.float32)
@@ -86,7 +111,7 @@ def image_batch(values: Sequence[Any], cfg: ImagePreprocessConfig) -> tuple[np.n
         if v is None:
             continue
         try:
-            img = decode_image(v, c)  # uint8 (C, h, w)
+            img = decode_image(v, c, background)  # uint8 (C, h, w)
         except DecodeError as e:
             errors[i] = e.reason
             continue

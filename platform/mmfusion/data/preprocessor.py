@@ -17,7 +17,7 @@ import torch
 from mmfusion.batch import INPUT_KEYS, InputSpec
 from mmfusion.config import DataConfig
 from mmfusion.data.audio import audio_batch, audio_num_features, audio_num_frames, feature_transform
-from mmfusion.data.image import image_batch, norm_stats
+from mmfusion.data.image import background_rgb, image_batch, norm_stats
 from mmfusion.data.labels import label_key
 from mmfusion.data.text import Tokenizer, load_tokenizer, text_batch
 
@@ -33,6 +33,7 @@ def input_spec(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> InputSpec
     kwargs: dict[str, Any] = {}
     if "image" in mods:
         norm_stats(cfg.image)  # a mean/std mismatch is a config error now, not in a Ray actor later
+        background_rgb(cfg.image)
         kwargs["image_shape"] = (cfg.image.channels, cfg.image.size, cfg.image.size)
     if "text" in mods:
         tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.text)
