@@ -50,6 +50,15 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(args: argparse.Namespace) -> int:
+    from mmfusion.starter_config import write_starter_config
+
+    out = write_starter_config(args.data, args.out, label_column=args.label_column, force=args.force)
+    sys.stdout.write(out.read_text(encoding="utf-8"))
+    log.info("starter config written to %s; train it with: mmfusion train %s", out, out)
+    return 0
+
+
 def _model_summary(args: argparse.Namespace) -> int:
     from mmfusion.config import load_config
     from mmfusion.models.summary import summarize
@@ -187,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = cmd(data, "inspect", _data_inspect, "counts per split, class and modality, and rejects")
     i.add_argument("path", help="dataset folder or manifest (Parquet/JSONL/CSV)")
     i.add_argument("--label-column", default="label")
+
+    it = cmd(sub, "init", _init, "write a starter experiment YAML derived from a dataset's statistics")
+    it.add_argument("data", help="dataset folder or manifest (Parquet/JSONL/CSV)")
+    it.add_argument("--out", default="experiment.yaml", help="config file to write (default: experiment.yaml)")
+    it.add_argument("--label-column", default="label")
+    it.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")
