@@ -3,14 +3,16 @@
     .venv/bin/python bench/avt_calibration.py [--data data/avt_digits] [--neural]
         [--out bench/results/avt_calibration.json]
 
-Quick per-modality classifiers trained on train, scored on test (no Ray, no mmfusion model code, so the dataset
-can be judged on its own):
+Quick per-modality classifiers trained on train, scored on test (no Ray, no mmfusion model code, so the
+dataset can be judged on its own):
     linear   logistic regression on pixels, on character n-grams (tf-idf), on time-warped log-mel frames;
-             "fused" = one logistic regression on the three feature sets concatenated (a missing modality's block is
-             zeros), "late" = the sum of the single-modality log-probabilities over the modalities present
-    neural   (--neural) a small CNN on pixels, a byte-level BiLSTM on text, a CNN on 1 s of log-mel: roughly the
-             default encoders of jobs/configs/avt_digits.yaml, trained 8 epochs; "late" sums their log-probabilities;
-             "fused" = the three encoders trained jointly under a concat + MLP head with modality dropout 0.2
+             "fused" = one logistic regression on the three feature sets concatenated (a missing modality's
+             block is zeros), "late" = the sum of the single-modality log-probabilities over the modalities
+             present
+    neural   (--neural) a small CNN on pixels, a byte-level BiLSTM on text, a CNN on 1 s of log-mel: roughly
+             the default encoders of jobs/configs/avt_digits.yaml, trained 8 epochs; "late" sums their
+             log-probabilities; "fused" = the three encoders trained jointly under a concat + MLP head with
+             modality dropout 0.2
 The dataset wants every single modality informative but imperfect on test (roughly 60-85%) and fusion well
 ahead of the best single modality. Prints a Markdown table and writes JSON.
 """
@@ -78,13 +80,16 @@ def _linear(tr: dict, te: dict) -> dict[str, float]:
     from sklearn.preprocessing import StandardScaler
 
     ytr, yte = np.array(tr["label"]), np.array(te["label"])
-    present = {s: {m: np.array([v is not None for v in d[m]]) for m in MODS} for s, d in (("tr", tr), ("te", te))}
+    present = {s: {m: np.array([v is not None for v in d[m]]) for m in MODS}
+               for s, d in (("tr", tr), ("te", te))}
     vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True)
     vec.fit([t for t in tr["text"] if t is not None])
     feats = {
         "image": (_images(tr["image"]).reshape(len(ytr), -1), _images(te["image"]).reshape(len(yte), -1)),
-        "text": (vec.transform([t or "" for t in tr["text"]]).toarray(), vec.transform([t or "" for t in te["text"]]).toarray()),
-        "audio": (_logmel(tr["audio"], 20).reshape(len(ytr), -1), _logmel(te["audio"], 20).reshape(len(yte), -1)),
+        "text": (vec.transform([t or "" for t in tr["text"]]).toarray(),
+                 vec.transform([t or "" for t in te["text"]]).toarray()),
+        "audio": (_logmel(tr["audio"], 20).reshape(len(ytr), -1),
+                  _logmel(te["audio"], 20).reshape(len(yte), -1)),
     }
     acc, logp, blocks = {}, {}, ([], [])
     for m in MODS:
@@ -176,8 +181,9 @@ def _neural(tr: dict, te: dict, epochs: int = 8, seed: int = 0) -> dict[str, flo
 
 
 def _joint(data: dict, tr: dict, te: dict, trunks: dict, epochs: int, drop: float = 0.2) -> float:
-    """One model over all modalities, trained end to end: per-modality encoders -> concat (a learned placeholder
-    for a missing or dropped modality) -> MLP; each modality hidden from a training row with probability `drop`."""
+    """One model over all modalities, trained end to end: per-modality encoders -> concat (a learned
+    placeholder for a missing or dropped modality) -> MLP; each modality hidden from a training row with
+    probability `drop`."""
     import torch
     from torch import nn
 
@@ -238,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     card = json.loads((data / "data_card.json").read_text())
     out.write_text(json.dumps({"data": str(data), "variant": card.get("variant"), "seed": card.get("seed"),
-                               "test_accuracy": results, "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
+                               "test_accuracy": results, "seconds": round(time.perf_counter() - t0, 1)},
+                              indent=1))
     return 0
 
 

@@ -1,7 +1,7 @@
 """Fused model vs single-modality models on AVT-Digits' test split, trained side by side in one run.
 
-    .venv/bin/python bench/fusion_vs_single.py [--config jobs/configs/avt_digits.yaml] [--data data/avt_digits]
-        [--out bench/results/fusion_vs_single.json] [key=value ...]
+    .venv/bin/python bench/fusion_vs_single.py [--config jobs/configs/avt_digits.yaml]
+        [--data data/avt_digits] [--out bench/results/fusion_vs_single.json] [key=value ...]
 
 Each row is the same experiment config with `data.modalities` overridden; all are trained on one embedded Ray
 cluster and evaluated on the test split. Prints a Markdown table (the README's) and writes JSON.
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - t0
         ev = evaluate_artifact(run.artifact, data=args.data, split="test")
         results.append({"modalities": mods, "test_accuracy": ev.report["accuracy"],
-                        "test_macro_f1": ev.report["macro_f1"], "val_accuracy": run.metrics.get("best_val_accuracy"),
+                        "test_macro_f1": ev.report["macro_f1"],
+                        "val_accuracy": run.metrics.get("best_val_accuracy"),
                         "epochs": run.metrics["epochs_run"], "train_seconds": round(seconds, 1),
                         "artifact": str(run.artifact)})
         log.info("%s: test accuracy %.4f", "+".join(mods), ev.report["accuracy"])
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     fused = results[0]["test_accuracy"]
     lines = ["| modalities | test accuracy | test macro-F1 | epochs | train s |", "|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {' + '.join(r['modalities'])} | {r['test_accuracy']:.3f} | {r['test_macro_f1']:.3f} | "
-                     f"{r['epochs']} | {r['train_seconds']} |")
+        lines.append(f"| {' + '.join(r['modalities'])} | {r['test_accuracy']:.3f} | "
+                     f"{r['test_macro_f1']:.3f} | {r['epochs']} | {r['train_seconds']} |")
     lines.append(f"\nfused - best single = {100 * (fused - best_single):+.1f} points")
     sys.stdout.write("\n".join(lines) + "\n")
     out = Path(args.out)

@@ -1,5 +1,5 @@
-"""Serving throughput and latency: the split topology (an encoder deployment per modality + fusion) against the
-single one (the whole model in one deployment), side by side on one embedded Ray cluster in one run.
+"""Serving throughput and latency: the split topology (an encoder deployment per modality + fusion) against
+the single one (the whole model in one deployment), side by side on one embedded Ray cluster in one run.
 
     .venv/bin/python bench/serve_topologies.py [--artifact artifacts/avt_digits] [--data data/avt_digits]
         [--config serve/local.yaml] [--requests 300] [--concurrency 1 8 32] [--rounds 3]
@@ -61,7 +61,8 @@ def _round(client: Client, items: list[dict[str, Any]], n: int, concurrency: int
     with ThreadPoolExecutor(concurrency) as pool:
         lat = sorted(pool.map(one, range(n)))
     wall = time.perf_counter() - t0
-    return {"rps": n / wall, "p50_ms": 1000 * lat[len(lat) // 2], "p95_ms": 1000 * lat[int(0.95 * (len(lat) - 1))]}
+    return {"rps": n / wall, "p50_ms": 1000 * lat[len(lat) // 2],
+            "p95_ms": 1000 * lat[int(0.95 * (len(lat) - 1))]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "ray_actor_options": {"num_cpus": 0.9}})
         apps.append(app)
     port = _free_port()
-    raw = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port, "request_timeout_s": 60},
+    raw = {"proxy_location": "HeadOnly",
+           "http_options": {"host": "127.0.0.1", "port": port, "request_timeout_s": 60},
            "applications": apps}
     init_ray()
     deploy_config(check_serve_config(raw, "bench config"))
@@ -124,18 +126,21 @@ def main(argv: list[str] | None = None) -> int:
         batching = {t: clients[t].metadata()["batching"] for t in TOPOLOGIES}
     finally:
         serve.shutdown()
-    lines = ["| concurrency | split req/s | split p50 / p95 ms | single req/s | single p50 / p95 ms | split / single |",
+    lines = ["| concurrency | split req/s | split p50 / p95 ms | single req/s | single p50 / p95 ms "
+             "| split / single |",
              "|---|---|---|---|---|---|"]
     for r in results:
         s, g = r["split"], r["single"]
-        lines.append(f"| {r['concurrency']} | {s['rps']:.1f} | {s['p50_ms']:.0f} / {s['p95_ms']:.0f} | {g['rps']:.1f} | "
-                     f"{g['p50_ms']:.0f} / {g['p95_ms']:.0f} | {r['split_over_single']:.2f} |")
+        lines.append(f"| {r['concurrency']} | {s['rps']:.1f} | {s['p50_ms']:.0f} / {s['p95_ms']:.0f} | "
+                     f"{g['rps']:.1f} | {g['p50_ms']:.0f} / {g['p95_ms']:.0f} | "
+                     f"{r['split_over_single']:.2f} |")
     mean_batch = {t: {k: v["mean_batch"] for k, v in b.items()} for t, b in batching.items()}
     lines.append(f"\nmean batch sizes: {json.dumps(mean_batch)}")
     sys.stdout.write("\n".join(lines) + "\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"artifact": str(Path(args.artifact).resolve()), "requests_per_round": args.requests,
+    out.write_text(json.dumps({"artifact": str(Path(args.artifact).resolve()),
+                               "requests_per_round": args.requests,
                                "rounds": args.rounds, "cpus": os.cpu_count(), "rows": results,
                                "summary": "per concurrency, the median round by throughput",
                                "batching": batching}, indent=1))
