@@ -178,7 +178,7 @@ def _render(lines: list[Line], p: DatasetProfile) -> str:
     for indent, key, value, comment in lines:
         head = "  " * indent + f"{key}:"
         if value is not None:
-            head += " " + yaml.safe_dump(value, default_flow_style=True, width=1000,
+            head += " " + yaml.safe_dump(value, default_flow_style=True, width=1000, sort_keys=False,
                                          allow_unicode=True).strip().removesuffix("...").strip()
         out.append(f"{head:<34} # {comment}" if comment else head)
     return "\n".join(out) + "\n"
