@@ -48,8 +48,8 @@ def _digests(root: Path) -> dict[str, str]:
 
 
 def test_schema_dtypes_and_splits(avt_tiny: Path):
-    expected = pa.schema([("id", pa.string()), ("split", pa.string()), ("image", pa.binary()), ("text", pa.string()),
-                          ("audio", pa.binary()), ("label", pa.int64())])
+    expected = pa.schema([("id", pa.string()), ("split", pa.string()), ("image", pa.binary()),
+                          ("text", pa.string()), ("audio", pa.binary()), ("label", pa.int64())])
     ids = set()
     for split in SPLITS:
         t = _table(avt_tiny, split)
@@ -82,14 +82,16 @@ def test_images_are_the_mnist_digits_and_disjoint_across_splits(avt_tiny: Path):
         t, prov = _table(avt_tiny, split).to_pydict(), _provenance(avt_tiny, split)
         assert prov["id"] == t["id"]
         seen[split] = set(prov["mnist_index"])
-        for png, idx, label, kind in zip(t["image"], prov["mnist_index"], t["label"], prov["image_degradation"],
-                                         strict=True):
+        for png, idx, label, kind in zip(t["image"], prov["mnist_index"], t["label"],
+                                         prov["image_degradation"], strict=True):
             assert labels[idx] == label  # paired by class
             if png is not None and not kind:  # undegraded images are the MNIST pixels, losslessly
                 assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), images[idx])
-    assert not seen["train"] & seen["test"] and not seen["train"] & seen["val"] and not seen["val"] & seen["test"]
+    assert not seen["train"] & seen["test"] and not seen["train"] & seen["val"]
+    assert not seen["val"] & seen["test"]
     test_prov = _provenance(avt_tiny, "test")
-    assert sum(1 for k in test_prov["image_degradation"] if k) > len(test_prov["id"]) / 2  # test is degraded more
+    # test is degraded more
+    assert sum(1 for k in test_prov["image_degradation"] if k) > len(test_prov["id"]) / 2
 
 
 def test_text_languages_are_disjoint_between_train_and_test(avt_tiny: Path):
@@ -101,7 +103,8 @@ def test_text_languages_are_disjoint_between_train_and_test(avt_tiny: Path):
     # the text really is in those languages: an untyped test word is the num2words word of its label
     t, prov = _table(avt_tiny, "test").to_pydict(), _provenance(avt_tiny, "test")
     checked = 0
-    for word, label, lang, typos in zip(t["text"], t["label"], prov["text_language"], prov["text_typos"], strict=True):
+    for word, label, lang, typos in zip(t["text"], t["label"], prov["text_language"], prov["text_typos"],
+                                        strict=True):
         if word is not None and typos == 0:
             assert word.lower() == text.digit_words(lang)[label]
             checked += 1
@@ -187,7 +190,8 @@ def test_data_card_sources_counts_and_checksums(avt_tiny: Path):
         labels = t["label"].to_pylist()
         assert c["classes"] == {str(d): labels.count(d) for d in range(10)}
         assert c["modality_present"] == {m: t.num_rows - t[m].null_count for m in MODS}
-        assert sum(c["text_languages"].values()) == t.num_rows and sum(c["audio_voices"].values()) == t.num_rows
+        assert sum(c["text_languages"].values()) == t.num_rows
+        assert sum(c["audio_voices"].values()) == t.num_rows
 
 
 # ------------------------------------------------------------------------------- determinism, output folder
@@ -236,7 +240,8 @@ def test_bad_arguments_are_data_errors(tmp_path: Path, variant: str, seed, match
     assert not (tmp_path / "out").exists()
 
 
-def test_a_failed_build_leaves_no_half_dataset(avt_tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_a_failed_build_leaves_no_half_dataset(avt_tiny: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch):
     out = tmp_path / "prev"
     out.mkdir()
     for p in avt_tiny.rglob("*"):  # a previous build, which a failed rebuild must leave as it was
@@ -260,21 +265,24 @@ def test_a_failed_build_leaves_no_half_dataset(avt_tiny: Path, tmp_path: Path, m
 
 
 def test_large_layout_writes_augmented_shards_in_parallel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The large variant's code path at a tiny size: shards, two worker processes, augmentation, provenance."""
+    """The large variant's code path at a tiny size: shards, two worker processes, augmentation,
+    provenance."""
     shrunk = recipe.Variant(rows={"train": 700, "val": 60, "test": 1100}, voice_settings=4, sharded=True,
                                 augment=True)
     monkeypatch.setitem(recipe.VARIANTS, "large", shrunk)
     monkeypatch.setattr(shards, "SHARD_ROWS", 300)
     out = build_avt_digits(tmp_path / "big", variant="large", seed=3)
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/part-*.parquet")) == [
-        "test/part-00000.parquet", "test/part-00001.parquet", "test/part-00002.parquet", "test/part-00003.parquet",
-        "train/part-00000.parquet", "train/part-00001.parquet", "train/part-00002.parquet", "val/part-00000.parquet"]
+        "test/part-00000.parquet", "test/part-00001.parquet", "test/part-00002.parquet",
+        "test/part-00003.parquet", "train/part-00000.parquet", "train/part-00001.parquet",
+        "train/part-00002.parquet", "val/part-00000.parquet"]
     card = _card(out)
     assert {s: card["splits"][s]["rows"] for s in SPLITS} == shrunk.rows
     assert set(card["files"]) == {p.relative_to(out).as_posix() for p in out.rglob("*.parquet")}
     test = pq.read_table(out / "test").to_pydict()
     assert test["id"] == [f"test-{i:07d}" for i in range(1100)]  # shards concatenate in row order
-    prov = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("_provenance/test-*.parquet"))]).to_pydict()
+    prov = pa.concat_tables([pq.read_table(p)
+                             for p in sorted(out.glob("_provenance/test-*.parquet"))]).to_pydict()
     assert prov["id"] == test["id"]
     index, count = np.unique(prov["mnist_index"], return_counts=True)
     assert len(index) == 1000 and count.max() == 2  # 1,100 rows from the 1,000 test images: 100 used twice

@@ -1,2 +1,3 @@
 """Builders of the built-in real datasets (`mmfusion data build NAME`): each writes the record contract
-(mmfusion.data) as Parquet splits plus a data card, deterministically from a seed, from registry packages only."""
+(mmfusion.data) as Parquet splits plus a data card, deterministically from a seed, from registry packages
+only."""

@@ -1,8 +1,9 @@
 """AVT-Digits audio: espeak-ng synthesis (cached per build), clean-up, per-record noise and WAV encoding.
 
-Every clip goes through the same clean-up (resample to 8 kHz mono, trim leading/trailing silence, peak-normalize),
-whether it comes from espeak-ng (train/val) or from the real asterisk recordings (test). Each record then gets its
-own seeded gain, time offset and background noise, so two records sharing a source clip are never identical.
+Every clip goes through the same clean-up (resample to 8 kHz mono, trim leading/trailing silence,
+peak-normalize), whether it comes from espeak-ng (train/val) or from the real asterisk recordings (test). Each
+record then gets its own seeded gain, time offset and background noise, so two records sharing a source clip
+are never identical.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class SynthConfig:
 
 
 def fft_resample(x: np.ndarray, n_out: int) -> np.ndarray:
-    """Band-limited resampling of a short clip to `n_out` samples (ideal low-pass at the lower Nyquist). (T,) -> (n_out,)"""
+    """Band-limited resampling of a short clip to `n_out` samples (ideal low-pass at the lower Nyquist).
+    (T,) -> (n_out,)"""
     spec = np.fft.rfft(x)
     out = np.zeros(n_out // 2 + 1, dtype=spec.dtype)
     keep = min(len(spec), len(out))
@@ -56,7 +58,8 @@ def fft_resample(x: np.ndarray, n_out: int) -> np.ndarray:
     return np.fft.irfft(out, n_out) * (n_out / len(x))
 
 
-def band_filter(x: np.ndarray, low_hz: float | None, high_hz: float | None, width_hz: float = 150.0) -> np.ndarray:
+def band_filter(x: np.ndarray, low_hz: float | None, high_hz: float | None,
+                width_hz: float = 150.0) -> np.ndarray:
     """Zero-phase band-pass/low-pass/high-pass with raised-cosine edges `width_hz` wide. (T,) -> (T,)"""
     freqs = np.fft.rfftfreq(len(x), 1.0 / SAMPLE_RATE)
     gain = np.ones_like(freqs)
@@ -77,7 +80,8 @@ def to_mono_8k(x: np.ndarray, sr: int) -> np.ndarray:
 
 
 def trim_and_normalize(x: np.ndarray) -> np.ndarray:
-    """Cut leading/trailing silence (frame energy relative to the loudest frame), then peak-normalize. (T,) -> (T',)"""
+    """Cut leading/trailing silence (frame energy relative to the loudest frame), then peak-normalize.
+    (T,) -> (T',)"""
     n = len(x) // _FRAME
     if n == 0 or not np.any(x):
         raise DataError("audio clip is empty or silent")
@@ -103,20 +107,23 @@ def load_clip(path: Path) -> np.ndarray:
 def _espeak_one(cfg: SynthConfig, digit: int, tmp: Path) -> np.ndarray:
     wav = tmp / f"{cfg.voice}_{cfg.rate}_{cfg.pitch}_{digit}.wav"
     # The numeral, not a spelled word: espeak-ng reads it as the digit word of the voice's own language.
-    cmd = ["espeak-ng", "-v", cfg.voice, "-s", str(cfg.rate), "-p", str(cfg.pitch), "-w", str(wav), str(digit)]
+    cmd = ["espeak-ng", "-v", cfg.voice, "-s", str(cfg.rate), "-p", str(cfg.pitch), "-w", str(wav),
+           str(digit)]
     try:
         subprocess.run(cmd, check=True, capture_output=True, timeout=60)
     except FileNotFoundError as e:
         raise DataError("espeak-ng is not installed (Debian package espeak-ng; `make sysdeps`)") from e
     except subprocess.CalledProcessError as e:
-        raise DataError(f"espeak-ng failed for voice {cfg.voice!r}: {e.stderr.decode(errors='replace').strip()}") from e
+        raise DataError(f"espeak-ng failed for voice {cfg.voice!r}: "
+                        f"{e.stderr.decode(errors='replace').strip()}") from e
     clip = load_clip(wav)
     wav.unlink()
     return clip
 
 
 def synthesize(configs: Sequence[SynthConfig], workers: int = 2) -> dict[tuple[SynthConfig, int], np.ndarray]:
-    """Speak digits 0-9 with every config, `workers` espeak-ng processes at a time. -> {(cfg, digit): (T,) clip}"""
+    """Speak digits 0-9 with every config, `workers` espeak-ng processes at a time.
+    -> {(cfg, digit): (T,) clip}"""
     jobs = [(c, d) for c in configs for d in range(10)]
     with tempfile.TemporaryDirectory(prefix="avt-espeak-") as tmp, ThreadPoolExecutor(workers) as pool:
         clips = list(pool.map(lambda job: _espeak_one(job[0], job[1], Path(tmp)), jobs))
@@ -138,10 +145,11 @@ def _colored_noise(rng: np.random.Generator, n: int) -> np.ndarray:
 def perturb(clip: np.ndarray, rng: np.random.Generator, snr_db: tuple[float, float],
             gain_db: tuple[float, float] = (-12.0, 0.0), speed: tuple[float, float] = (1.0, 1.0),
             max_pad_s: float = 0.15, channel_p: float = 0.0) -> np.ndarray:
-    """One record's version of a clean clip: speed change, channel colouring, padding, noise, gain. (T,) -> (T',)
+    """One record's version of a clean clip: speed change, channel colouring, padding, noise, gain.
+    (T,) -> (T',)
 
-    `channel_p` is the chance of a random telephone-like band-pass (low cut 100-400 Hz, high cut 2.6-3.8 kHz), which
-    teaches a model trained on clean synthetic speech to cope with real telephone recordings.
+    `channel_p` is the chance of a random telephone-like band-pass (low cut 100-400 Hz, high cut 2.6-3.8 kHz),
+    which teaches a model trained on clean synthetic speech to cope with real telephone recordings.
     """
     x = clip.astype(np.float64)
     if rng.random() < channel_p:
@@ -159,7 +167,8 @@ def perturb(clip: np.ndarray, rng: np.random.Generator, snr_db: tuple[float, flo
 
 
 def encode_wav(x: np.ndarray) -> bytes:
-    """(T,) float in [-1, 1] -> WAV bytes, 16-bit PCM mono 8 kHz (deterministic: no timestamps, no extra chunks)."""
+    """(T,) float in [-1, 1] -> WAV bytes, 16-bit PCM mono 8 kHz (deterministic: no timestamps, no extra
+    chunks)."""
     buf = io.BytesIO()
     sf.write(buf, x, SAMPLE_RATE, subtype="PCM_16", format="WAV")
     return buf.getvalue()

