@@ -133,7 +133,8 @@ def test_prepare_config_fits_the_config_to_the_artifact(two_modality_artifact, m
     assert app["args"]["artifact"] == str(two_modality_artifact)  # absolute: replicas have another cwd
     assert [d["name"] for d in app["deployments"]] == ["Ingress", "ImageEncoder", "TextEncoder", "Fusion"]
     assert raw["http_options"]["host"] == "0.0.0.0" and raw["http_options"]["port"] == 8123
-    single = prepare_config(load("local"), str(two_modality_artifact), topology="single", api_key_env="MY_KEY")
+    single = prepare_config(load("local"), str(two_modality_artifact), topology="single",
+                            api_key_env="MY_KEY")
     assert [d["name"] for d in single["applications"][0]["deployments"]] == ["Ingress"]
     assert single["applications"][0]["args"]["topology"] == "single"
     assert single["applications"][0]["args"]["api_key_env"] == "MY_KEY"

@@ -24,8 +24,8 @@ from mmfusion.serving.engine import EncoderRunner, FusionRunner, ModelRunner, ke
 
 CPU = torch.device("cpu")
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("text", pa.string()), ("audio", pa.binary()),
-                    ("label", pa.string())])
+SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("text", pa.string()),
+                    ("audio", pa.binary()), ("label", pa.string())])
 
 
 def png_bytes(rng: np.random.Generator, k: int, size: int = 28) -> bytes:
@@ -109,7 +109,8 @@ def test_runners_match_offline_evaluate(setup, keep):
     # predict_split drops the rows left with no modality after hiding, but lists every decodable row's id
     items = [it for it in (by_id[i] for i in offline.ids) if it]
     assert len(items) == len(offline.probs) >= 10
-    single = np.stack([p.probabilities for p in ModelRunner(load_artifact(art_dir).model, art.cfg.data, CPU)(items)])
+    single = np.stack([p.probabilities
+                       for p in ModelRunner(load_artifact(art_dir).model, art.cfg.data, CPU)(items)])
     split = np.stack(split_predict(art_dir, items))
     np.testing.assert_allclose(single, offline.probs, atol=1e-5, rtol=0)
     np.testing.assert_allclose(split, offline.probs, atol=1e-5, rtol=0)
@@ -165,7 +166,8 @@ def test_text_truncation_is_a_warning(setup):
     runner = EncoderRunner(keep_encoder(art.model, "text"), art.cfg.data, "text", CPU)
     out = runner(["seven", "seven " * 100])
     assert out[0].warning is None and out[0].error is None
-    assert out[1].error is None and out[1].warning == "text: truncated to 32 tokens (data.text.max_length of the model)"
+    assert out[1].error is None
+    assert out[1].warning == "text: truncated to 32 tokens (data.text.max_length of the model)"
 
 
 def test_parts_are_pruned_and_checked(setup):

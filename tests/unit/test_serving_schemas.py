@@ -49,8 +49,8 @@ def test_content_kind_accepts_json_and_multipart(ct, kind):
 
 
 @pytest.mark.parametrize("ct, status", [
-    (None, 415), ("", 415), ("text/plain", 415), ("application/x-www-form-urlencoded", 415), ("image/png", 415),
-    ("multipart/form-data", 400),  # no boundary: cannot be parsed
+    (None, 415), ("", 415), ("text/plain", 415), ("application/x-www-form-urlencoded", 415),
+    ("image/png", 415), ("multipart/form-data", 400),  # no boundary: cannot be parsed
 ])
 def test_content_kind_rejects_others(ct, status):
     err = raises(status, "content-type", content_kind, ct)
@@ -138,7 +138,8 @@ def test_api_key():
     check_api_key("s3cret-key", "Bearer s3cret-key", None)
     check_api_key("s3cret-key", "bearer  s3cret-key", None)
     check_api_key("s3cret-key", None, "s3cret-key")
-    for auth, x in [(None, None), ("Bearer wrong-key", None), ("Basic s3cret-key", None), (None, "s3cret-ke")]:
+    for auth, x in [(None, None), ("Bearer wrong-key", None), ("Basic s3cret-key", None),
+                    (None, "s3cret-ke")]:
         err = raises(401, "authorization", check_api_key, "s3cret-key", auth, x)
         assert err.headers == {"WWW-Authenticate": "Bearer"}
 
@@ -175,7 +176,8 @@ def test_batch_config_and_stats():
 
 
 def test_the_ingress_side_never_imports_torch():
-    """The ingress replica imports these (and unpickles messages.* from the model replicas): no torch there."""
+    """The ingress replica imports these (and unpickles messages.* from the model replicas): no torch
+    there."""
     code = ("import sys, mmfusion.serving.deployments, mmfusion.serving.messages, mmfusion.serving.app, "
             "mmfusion.serving.client; assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

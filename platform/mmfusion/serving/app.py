@@ -47,7 +47,9 @@ def build_app(args: ServeArgs) -> Application:
     common = {"device": args.device, "torch_threads": args.torch_threads}
     log.info("building the %s app for %s (%s)", args.topology, info.path, ", ".join(info.modalities))
     if args.topology == "single":
-        return Ingress.options(name=INGRESS).bind(args, model=Model.options(name=MODEL).bind(args.artifact, **common))
-    encoders = {m: Encoder.options(name=encoder_name(m)).bind(args.artifact, m, **common) for m in info.modalities}
+        return Ingress.options(name=INGRESS).bind(
+            args, model=Model.options(name=MODEL).bind(args.artifact, **common))
+    encoders = {m: Encoder.options(name=encoder_name(m)).bind(args.artifact, m, **common)
+                for m in info.modalities}
     fusion = Fusion.options(name=FUSION).bind(args.artifact, **common)
     return Ingress.options(name=INGRESS).bind(args, encoders=encoders, fusion=fusion)

@@ -49,7 +49,8 @@ def base_url(url: str) -> str:
 class Client:
     """Thread-safe (one requests.Session per thread)."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60.0, retries: int = 5) -> None:
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 60.0,
+                 retries: int = 5) -> None:
         self.base = base_url(url)
         self.timeout_s = timeout_s
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -91,7 +92,8 @@ class Client:
             time.sleep(1.0)
 
     def metadata(self) -> dict[str, Any]:
-        return self._check(self.session.get(f"{self.base}/v1/metadata", headers=self.headers, timeout=self.timeout_s))
+        return self._check(self.session.get(f"{self.base}/v1/metadata", headers=self.headers,
+                                            timeout=self.timeout_s))
 
     def predict(self, image: bytes | None = None, audio: bytes | None = None, text: str | None = None,
                 as_json: bool = False) -> dict[str, Any]:
@@ -101,7 +103,8 @@ class Client:
             for name, data in (("image", image), ("audio", audio)):
                 if data is not None:
                     payload[name] = base64.b64encode(data).decode("ascii")
-            r = self.session.post(f"{self.base}{PREDICT_PATH}", json={k: v for k, v in payload.items() if v is not None},
+            r = self.session.post(f"{self.base}{PREDICT_PATH}",
+                                  json={k: v for k, v in payload.items() if v is not None},
                                   headers=self.headers, timeout=self.timeout_s)
         else:
             files: dict[str, Any] = {}
@@ -132,7 +135,8 @@ class HttpEvaluation:
     rows: int = 0  # rows sent (or set aside by the reader)
     answered: int = 0  # 200 answers
     correct: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)  # reason -> rows (4xx answers, unreadable records)
+    # reason -> rows (4xx answers, unreadable records)
+    rejected: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     modalities: list[str] = field(default_factory=list)
 
@@ -141,10 +145,10 @@ class HttpEvaluation:
         return self.correct / self.answered if self.answered else float("nan")
 
     def text(self, source: str, concurrency: int) -> str:
-        lines = [f"accuracy through HTTP: {self.accuracy:.4f} ({self.correct}/{self.answered} answered rows of "
-                 f"{source}, modalities {', '.join(self.modalities)})",
-                 f"{self.rows} rows in {self.seconds:.1f} s: {self.rows / max(self.seconds, 1e-9):.1f} requests/s "
-                 f"with {concurrency} in flight"]
+        lines = [f"accuracy through HTTP: {self.accuracy:.4f} ({self.correct}/{self.answered} answered rows "
+                 f"of {source}, modalities {', '.join(self.modalities)})",
+                 f"{self.rows} rows in {self.seconds:.1f} s: {self.rows / max(self.seconds, 1e-9):.1f} "
+                 f"requests/s with {concurrency} in flight"]
         if self.rejected:
             lines.append(f"{sum(self.rejected.values())} rows rejected:")
             lines += [f"  {n} x {reason}" for reason, n in self.rejected.most_common(10)]
@@ -161,7 +165,8 @@ def _rows(data: str, split: str, label_column: str, modalities: list[str]) -> It
 def evaluate_over_http(url: str, data: str, split: str = "test", label_column: str = "label",
                        modalities: list[str] | None = None, concurrency: int = 8, api_key: str | None = None,
                        limit: int | None = None) -> HttpEvaluation:
-    """Send every record of a split to the server (the model's modalities, or `modalities`) and score answers."""
+    """Send every record of a split to the server (the model's modalities, or `modalities`) and score
+    answers."""
     client = Client(url, api_key)
     served = client.metadata()["modalities"]
     use = [m for m in served if modalities is None or m in modalities]

@@ -1,9 +1,9 @@
 """Ray Serve deployments: the FastAPI ingress, one encoder deployment per modality, the fusion deployment, and
 the whole-model deployment of the `single` topology.
 
-    HTTP -> Ingress (validate, 4xx) --asyncio.gather--> ImageEncoder / TextEncoder / AudioEncoder  (@serve.batch)
-                                    --------------------> Fusion                                    (@serve.batch)
-         single topology: Ingress -> Model (@serve.batch: preprocess, encode, fuse in one replica)
+  HTTP -> Ingress (validate, 4xx) --asyncio.gather--> ImageEncoder / TextEncoder / AudioEncoder (@serve.batch)
+                                  --------------------> Fusion                                  (@serve.batch)
+       single topology: Ingress -> Model (@serve.batch: preprocess, encode, fuse in one replica)
 
 Preprocessing runs in the encoder deployments, not in the ingress: decoding and resizing cost as much as a
 small encoder, so they scale with that modality's replicas (the GPU image encoder's node does its own JPEG
@@ -107,11 +107,13 @@ class _Replica:
 
 @serve.deployment
 class Encoder(_Replica):
-    """One modality's preprocessing + encoder; bound once per modality as ImageEncoder/TextEncoder/AudioEncoder."""
+    """One modality's preprocessing + encoder; bound once per modality as
+    ImageEncoder/TextEncoder/AudioEncoder."""
 
     BATCHED = "encode"
 
-    def __init__(self, artifact: str, modality: str, device: str = "auto", torch_threads: int | None = None) -> None:
+    def __init__(self, artifact: str, modality: str, device: str = "auto",
+                 torch_threads: int | None = None) -> None:
         from mmfusion.serving.engine import EncoderRunner, keep_encoder
 
         art, dev = _load_model(artifact, device, torch_threads)
@@ -171,8 +173,9 @@ class Model(_Replica):
 api = FastAPI(
     title="mmfusion",
     version=mmfusion.__version__,
-    description="Multimodal (image + text + audio) fusion classifier. POST any non-empty subset of the model's "
-                "modalities to /v1/predict, as multipart/form-data files or as JSON with base64 media.",
+    description="Multimodal (image + text + audio) fusion classifier. POST any non-empty subset of the "
+                "model's modalities to /v1/predict, as multipart/form-data files or as JSON with base64 "
+                "media.",
 )
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": desc} for code, desc in {
@@ -198,8 +201,8 @@ async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     field = {404: "path", 405: "method"}.get(exc.status_code, "request")
-    return JSONResponse(RequestError(exc.status_code, field, str(exc.detail)).payload(), status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))
+    return JSONResponse(RequestError(exc.status_code, field, str(exc.detail)).payload(),
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 @api.exception_handler(RequestValidationError)
@@ -259,8 +262,10 @@ class Ingress:
         self.encoders = encoders or {}
         self.fusion = fusion
         self.model = model
-        if self.args.topology == "split" and (set(self.encoders) != set(self.info.modalities) or fusion is None):
-            raise ValueError(f"split topology needs encoders for {self.info.modalities} and a fusion deployment")
+        if self.args.topology == "split" and (set(self.encoders) != set(self.info.modalities)
+                                              or fusion is None):
+            raise ValueError(f"split topology needs encoders for {self.info.modalities} "
+                             "and a fusion deployment")
         if self.args.topology == "single" and model is None:
             raise ValueError("single topology needs the Model deployment")
         self.backends: dict[str, DeploymentHandle] = (
@@ -327,7 +332,8 @@ class Ingress:
                 raise RequestError(out.status, out.modality, out.error)
             probs, truncated, warnings = out.probabilities, out.truncated, out.warnings
         else:
-            encoded = await self._call(asyncio.gather(*(self.encoders[m].encode.remote(values[m]) for m in used)))
+            encoded = await self._call(asyncio.gather(*(self.encoders[m].encode.remote(values[m])
+                                                        for m in used)))
             for m, enc in zip(used, encoded, strict=True):
                 if enc.error is not None:
                     raise RequestError(enc.status, m, enc.error)

@@ -1,8 +1,9 @@
-"""Serving compute without Ray: raw request values -> preprocessed batch -> encoder -> fusion -> probabilities.
+"""Serving compute without Ray: raw request values -> preprocessed batch -> encoder -> fusion ->
+probabilities.
 
-    EncoderRunner(model, data_cfg, "image")([png, png, ...])      -> [Encoded(embedding (D,)) | Encoded(error)]
-    FusionRunner(model)([{"image": (D,), "text": (D,)}, ...])     -> [(K,) probabilities]
-    ModelRunner(model, data_cfg)([{"image": png, "text": "7"}])   -> [Predicted]   (the `single` topology)
+    EncoderRunner(model, data_cfg, "image")([png, png, ...])     -> [Encoded(embedding (D,)) | Encoded(error)]
+    FusionRunner(model)([{"image": (D,), "text": (D,)}, ...])    -> [(K,) probabilities]
+    ModelRunner(model, data_cfg)([{"image": png, "text": "7"}])  -> [Predicted]   (the `single` topology)
 
 Preprocessing runs here, in the encoder's replica, through the same batch kernels Ray Data uses
 (`image_batch`, `text_batch`, `audio_batch` of mmfusion.data.image/text/audio: one code path). A value
@@ -73,7 +74,8 @@ class EncoderRunner:
         self.tokenizer = load_tokenizer(data_cfg.text) if modality == "text" else None
 
     def preprocess(self, values: Sequence[bytes | str]) -> tuple[dict[str, np.ndarray], list[Encoded | None]]:
-        """-> model inputs for all rows (bad rows zero-filled), and a pre-filled Encoded for each bad/cut row."""
+        """-> model inputs for all rows (bad rows zero-filled), and a pre-filled Encoded for each bad/cut
+        row."""
         n = len(values)
         notes: list[Encoded | None] = [None] * n
         m = self.modality
@@ -82,7 +84,8 @@ class EncoderRunner:
             tensors = {"image": arr}
         elif m == "text":
             assert self.tokenizer is not None
-            ids, mask, truncated, errors = text_batch(list(values), self.cfg.text, self.tokenizer)  # (N, L) x2
+            # (N, L) x2
+            ids, mask, truncated, errors = text_batch(list(values), self.cfg.text, self.tokenizer)
             tensors = {"text": ids, "text_mask": mask}
             for i in np.flatnonzero(truncated):
                 notes[i] = Encoded(warning=f"text: truncated to {self.cfg.text.max_length} tokens "
@@ -116,8 +119,8 @@ class EncoderRunner:
         except (sf.LibsndfileError, RuntimeError, ValueError):
             return None
         if seconds > self.cfg.audio.max_seconds + 1e-6:
-            return Encoded(warning=f"audio: {seconds:.2f} s clip cut to its first {self.cfg.audio.max_seconds:g} s "
-                                   "(data.audio.max_seconds of the model)")
+            return Encoded(warning=f"audio: {seconds:.2f} s clip cut to its first "
+                                   f"{self.cfg.audio.max_seconds:g} s (data.audio.max_seconds of the model)")
         return None
 
     @torch.inference_mode()
@@ -140,7 +143,8 @@ class EncoderRunner:
             ids, mask, _, _ = text_batch(["0"], self.cfg.text, self.tokenizer)
             batch = {"text": torch.from_numpy(ids), "text_mask": torch.from_numpy(mask)}
         else:
-            shape = {"image": (self.cfg.image.channels, self.cfg.image.size, self.cfg.image.size)}.get(self.modality)
+            shape = {"image": (self.cfg.image.channels, self.cfg.image.size,
+                               self.cfg.image.size)}.get(self.modality)
             key = INPUT_KEYS[self.modality][0]
             if shape is None:  # audio: the preprocessed shape of a silent clip
                 arr, _ = audio_batch([None], self.cfg.audio)
@@ -171,13 +175,15 @@ class FusionRunner:
             rows = [i for i, it in enumerate(items) if m in it]
             if not rows:
                 continue
-            x = np.zeros((b, self.dims[m]), dtype=np.float32)  # (B, D_m): zeros where absent, as forward() does
+            # (B, D_m): zeros where absent, as forward() does
+            x = np.zeros((b, self.dims[m]), dtype=np.float32)
             x[rows] = np.stack([np.asarray(items[i][m], dtype=np.float32) for i in rows])
             feats[m] = torch.from_numpy(x).to(self.device)
             present[rows, j] = True
         unknown = {k for it in items for k in it} - set(self.modalities)
         if unknown:
-            raise ValueError(f"embeddings for unknown modalities {sorted(unknown)}; the model has {self.modalities}")
+            raise ValueError(f"embeddings for unknown modalities {sorted(unknown)}; "
+                             f"the model has {self.modalities}")
         logits = self.model.fuse(feats, present.to(self.device)).float()  # (B, K)
         probs = torch.softmax(logits, dim=-1).cpu().numpy()  # (B, K)
         return list(probs)

@@ -1,6 +1,6 @@
-"""What the model deployments answer the ingress: plain dataclasses of numpy arrays and strings. They live apart
-from the torch code (engine.py) because unpickling a result imports its class's module, and the ingress must
-stay free of torch."""
+"""What the model deployments answer the ingress: plain dataclasses of numpy arrays and strings. They live
+apart from the torch code (engine.py) because unpickling a result imports its class's module, and the ingress
+must stay free of torch."""
 
 from __future__ import annotations
 

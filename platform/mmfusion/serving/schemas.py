@@ -5,7 +5,8 @@ response and error bodies. Pure Python (pydantic, stdlib): no Ray, no torch, so 
                        application/json:    {"image": "<base64>", "audio": "<base64>", "text": "..."}
                        any non-empty subset of the model's modalities
         200 -> Prediction {label, index, probabilities, modalities, truncated, warnings}
-        4xx -> {"error": {"status", "field", "message"}}   (400 undecodable, 401 key, 413 size, 415 type, 422 shape)
+        4xx -> {"error": {"status", "field", "message"}}   (400 undecodable, 401 key, 413 size, 415 type,
+                                                            422 shape)
     GET /v1/metadata, GET /healthz, OpenAPI at /docs
 
 Every client mistake becomes a `RequestError` naming the field at fault; the ingress turns it into JSON.
@@ -37,12 +38,14 @@ _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w.+-]+=[\w.+-]+)*;base64,", 
 
 
 class ServeArgs(BaseModel):
-    """The `args:` of a Serve config application (validated by Serve against this model, unknown keys fail)."""
+    """The `args:` of a Serve config application (validated by Serve against this model, unknown keys
+    fail)."""
 
     model_config = ConfigDict(extra="forbid")
 
     artifact: str  # artifact folder (absolute, or on shared storage on a cluster) or a URI (s3://, gs://, file://)
-    topology: Literal["split", "single"] = "split"  # split: one deployment per encoder + fusion; single: one model
+    # split: one deployment per encoder + fusion; single: one model
+    topology: Literal["split", "single"] = "split"
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024, le=1024**3)  # larger bodies get 413
     api_key: SecretStr | None = None  # clients must send it (Authorization: Bearer KEY or X-API-Key: KEY)
     api_key_env: str | None = None  # or: the name of an environment variable on the nodes that holds the key
@@ -59,8 +62,8 @@ class ServeArgs(BaseModel):
         elif self.api_key_env:
             key = os.environ.get(self.api_key_env, "")
             if not key:
-                raise ConfigError(f"api_key_env={self.api_key_env!r}: that environment variable is not set (or is "
-                                  "empty) on this node")
+                raise ConfigError(f"api_key_env={self.api_key_env!r}: that environment variable is not set "
+                                  "(or is empty) on this node")
         else:
             return None
         if not key.strip() or len(key) < 8:
@@ -124,7 +127,8 @@ class PredictJSON(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str | None = Field(None, description="base64 of an encoded image (PNG, JPEG, ...); data: URLs accepted")
+    image: str | None = Field(None, description="base64 of an encoded image (PNG, JPEG, ...); "
+                                                "data: URLs accepted")
     text: str | None = Field(None, description="the text, UTF-8")
     audio: str | None = Field(None, description="base64 of an encoded clip (WAV, FLAC, OGG)")
 
@@ -132,7 +136,8 @@ class PredictJSON(BaseModel):
 def content_kind(content_type: str | None) -> Literal["json", "multipart"]:
     """Content-Type -> "json" | "multipart"; anything else is a 415."""
     if not content_type:
-        raise RequestError(415, "content-type", "missing Content-Type: send application/json or multipart/form-data")
+        raise RequestError(415, "content-type",
+                           "missing Content-Type: send application/json or multipart/form-data")
     main = content_type.split(";", 1)[0].strip().lower()
     if main == "application/json" or (main.startswith("application/") and main.endswith("+json")):
         return "json"
@@ -176,20 +181,25 @@ def decode_base64(field: str, value: Any) -> bytes | None:
 
 
 def parse_json_body(body: bytes) -> Inputs:
-    """A JSON request body -> Inputs. 400: empty, not JSON, bad base64; 422: wrong shape, unknown field, type."""
+    """A JSON request body -> Inputs. 400: empty, not JSON, bad base64; 422: wrong shape, unknown field,
+    type."""
     if not body.strip():
-        raise RequestError(400, "body", "empty request body: send a JSON object with image, text and/or audio")
+        raise RequestError(400, "body",
+                           "empty request body: send a JSON object with image, text and/or audio")
     try:
-        obj = json.loads(body.decode("utf-8-sig"))  # JSON is UTF-8 (RFC 8259); json.loads would guess UTF-16/32
+        # JSON is UTF-8 (RFC 8259); json.loads would guess UTF-16/32
+        obj = json.loads(body.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
-        raise RequestError(400, "body", f"the JSON body is not valid UTF-8 (byte 0x{body[e.start]:02x} at position "
-                                        f"{e.start})") from None
+        raise RequestError(400, "body", f"the JSON body is not valid UTF-8 (byte 0x{body[e.start]:02x} at "
+                                        f"position {e.start})") from None
     except json.JSONDecodeError as e:
-        raise RequestError(400, "body", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise RequestError(400, "body",
+                           f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise RequestError(400, "body", "JSON nested too deeply") from None
     if not isinstance(obj, dict):
-        raise RequestError(422, "body", f"expected a JSON object with image, text and/or audio, got {_type_name(obj)}")
+        raise RequestError(422, "body",
+                           f"expected a JSON object with image, text and/or audio, got {_type_name(obj)}")
     for k in obj:
         if k not in MODALITIES:
             raise RequestError(422, str(k), f"unknown field {str(k)!r}; allowed: {', '.join(MODALITIES)}")
@@ -231,8 +241,8 @@ def inputs_from_parts(parts: Sequence[FormPart]) -> Inputs:
                 try:
                     data = bytes(data).decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise RequestError(400, "text", f"not valid UTF-8 (byte 0x{data[e.start]:02x} at position "
-                                                    f"{e.start})") from None
+                    raise RequestError(400, "text", f"not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+                                                    f"position {e.start})") from None
             seen[p.name] = data
     return Inputs(image=seen.get("image"), text=seen.get("text"), audio=seen.get("audio"))  # type: ignore[arg-type]
 
@@ -259,8 +269,9 @@ def check_api_key(expected: str | None, authorization: str | None, x_api_key: st
         if scheme.lower() == "bearer":
             got = token.strip()
     if not got or not hmac.compare_digest(got.encode(), expected.encode()):
-        raise RequestError(401, "authorization", "missing or wrong API key: send 'Authorization: Bearer KEY' or "
-                                                 "'X-API-Key: KEY'", headers={"WWW-Authenticate": "Bearer"})
+        raise RequestError(401, "authorization", "missing or wrong API key: send 'Authorization: Bearer KEY' "
+                                                 "or 'X-API-Key: KEY'",
+                           headers={"WWW-Authenticate": "Bearer"})
 
 
 # ----------------------------------------------------------------------------------------- response
