@@ -46,6 +46,13 @@ class TextPreprocessConfig(Strict):
     lowercase: bool = True  # builtin tokenizer only
 
 
+class AudioStats(Strict):
+    """Feature mean and std measured on the train split by the Ray Data pass (not written by hand)."""
+
+    mean: list[float]  # one value per feature bin (normalize: per_bin), or one value (global)
+    std: list[float]
+
+
 class AudioPreprocessConfig(Strict):
     sample_rate: int = Field(8000, ge=1000)  # Hz after resampling; 8 kHz keeps telephone-band speech
     features: Literal["logmel", "mfcc"] = "logmel"
@@ -54,6 +61,11 @@ class AudioPreprocessConfig(Strict):
     n_fft: int = Field(256, ge=16)
     hop_length: int = Field(80, ge=1)  # 10 ms at 8 kHz
     max_seconds: float = Field(1.0, gt=0)  # clips are padded or cut to this length
+    # standardize log-mel/MFCC with the train split's mean/std (per feature bin, one global pair, or none):
+    # raw log-mel runs from about -13.8 (silence) to +5, and a missing clip (zeros) would look loud. Training
+    # measures `stats` and the artifact's config.yaml keeps them, so serving applies the same transform.
+    normalize: Literal["per_bin", "global", "none"] = "per_bin"
+    stats: AudioStats | None = None  # filled in by training; leave unset
 
 
 class DataConfig(Strict):

@@ -7,6 +7,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tests.unit.test_records import acceptance_manifest
@@ -107,3 +108,34 @@ def test_acceptance4_avt_digits_collated_batches(ray_local, avt_tiny: Path):
             assert ((b["text_mask"] == 1) == (b["text"] != spec.pad_id)).all()
         assert rows == n, name
     assert sum(missing.values()) > 0  # the tiny build has rows with a missing modality, and they flow through
+
+
+def test_audio_standardized_with_train_statistics(ray_local, avt_tiny: Path):
+    from mmfusion.data.preprocessor import Preprocessor
+    from mmfusion.data.readers import read_records
+
+    cfg = load_config(REPO / "jobs" / "configs" / "avt_digits.yaml", [f"data.path={avt_tiny}"]).data
+    assert cfg.audio.stats is None and cfg.audio.normalize == "per_bin"
+    bundle = build_datasets(cfg, splits=("train", "test"))
+    stats = cfg.audio.stats  # measured on train, written into the config the artifact will keep
+    assert stats is not None and len(stats.mean) == len(stats.std) == bundle.spec.audio_shape[1]
+    j = bundle.spec.modalities.index("audio")
+
+    def present_audio(ds) -> np.ndarray:  # (n, 1, F, T) of the rows that have audio
+        rows = [b["audio"][b["present"][:, j]] for b in ds.iter_batches(batch_size=256, batch_format="numpy")]
+        return np.concatenate(rows)
+
+    train = present_audio(bundle.train)
+    np.testing.assert_allclose(train.mean(axis=(0, 1, 3)), 0.0, atol=1e-3)  # per feature bin
+    std = train.std(axis=(0, 1, 3))
+    np.testing.assert_allclose(std[np.array(stats.std) > 0.1], 1.0, atol=1e-2)
+
+    # one transform: the Preprocessor built from the config (as evaluation and serving build it) gives the
+    # test split exactly as the pipeline standardized it
+    records = read_records(str(avt_tiny), "test")
+    out = Preprocessor(cfg, labels=bundle.labels)({k: np.array(records[k].to_pylist(), dtype=object)
+                                                   for k in records.column_names})
+    offline = np.sort(out["audio"][out["present"][:, j] & (out["error"] == "")].sum(axis=(1, 2, 3)))
+    piped = np.sort(present_audio(bundle.test).sum(axis=(1, 2, 3)))
+    np.testing.assert_allclose(offline, piped, rtol=1e-5, atol=1e-3)
+

@@ -12,8 +12,14 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from mmfusion.config import AudioPreprocessConfig, DataConfig, ImagePreprocessConfig, TextPreprocessConfig
-from mmfusion.data.audio import preprocess_audio
+from mmfusion.config import (
+    AudioPreprocessConfig,
+    AudioStats,
+    DataConfig,
+    ImagePreprocessConfig,
+    TextPreprocessConfig,
+)
+from mmfusion.data.audio import STD_FLOOR, audio_batch, fit_stats, preprocess_audio
 from mmfusion.data.image import preprocess_image
 from mmfusion.data.preprocessor import Preprocessor, input_spec
 from mmfusion.data.text import ByteTokenizer, load_tokenizer, preprocess_text
@@ -233,6 +239,40 @@ def test_silence_is_finite():
     x = preprocess_audio(wav(np.zeros(4000, np.float32)), AudioPreprocessConfig())
     assert np.isfinite(x).all()
     np.testing.assert_allclose(x, np.log(1e-6), rtol=1e-5)
+
+
+def test_audio_standardized_with_stats_and_missing_is_the_mean():
+    raw_cfg = AudioPreprocessConfig(max_seconds=0.5)
+    clips = [wav(tone(0.5, hz=300)), None, wav(tone(0.5, hz=900))]
+    raw, _ = audio_batch(clips, raw_cfg)  # (3, 1, F, T): no stats, features as computed
+    f = raw.shape[2]
+    mean = np.linspace(-8, 2, f)
+    std = np.linspace(0.5, 3, f)
+    cfg = raw_cfg.model_copy(update={"stats": AudioStats(mean=list(mean), std=list(std))})
+    x, errors = audio_batch(clips, cfg)
+    assert errors == [None, None, None] and x.dtype == np.float32
+    expected = (raw - mean.astype(np.float32)[None, None, :, None]) / std.astype(np.float32)[None, None, :, None]
+    np.testing.assert_allclose(x[[0, 2]], expected[[0, 2]], rtol=1e-6, atol=1e-6)
+    assert (x[1] == 0).all()  # a missing clip is the standardized mean, not a block of raw zeros
+    one = preprocess_audio(clips[0], cfg.model_copy(update={"stats": AudioStats(mean=[-5.0], std=[2.0])}))
+    np.testing.assert_allclose(one, (raw[0] + 5.0) / 2.0, rtol=1e-6, atol=1e-6)  # global: one pair
+
+
+def test_fit_stats_per_bin_and_global():
+    rng = np.random.default_rng(0)
+    x = rng.normal([[-3.0], [1.0], [4.0]], [[1.0], [0.5], [0.01]], size=(3, 500))  # (F, frames)
+    per_bin = fit_stats(500, x.sum(axis=1), np.square(x).sum(axis=1), "per_bin")
+    np.testing.assert_allclose(per_bin.mean, x.mean(axis=1))
+    np.testing.assert_allclose(per_bin.std[:2], x.std(axis=1)[:2])
+    assert per_bin.std[2] == STD_FLOOR  # a bin that hardly varies is not blown up
+    glob = fit_stats(500, x.sum(axis=1), np.square(x).sum(axis=1), "global")
+    np.testing.assert_allclose([glob.mean[0], glob.std[0]], [x.mean(), x.std()])
+
+
+def test_audio_stats_of_the_wrong_size_are_a_config_error():
+    bad = AudioPreprocessConfig(stats=AudioStats(mean=[0.0, 1.0], std=[1.0, 1.0]))
+    with pytest.raises(ConfigError, match="data.audio.stats"):
+        input_spec(DataConfig(path="x", modalities=["audio"], audio=bad))
 
 
 @pytest.mark.parametrize(

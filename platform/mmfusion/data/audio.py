@@ -2,7 +2,11 @@
 (via the Preprocessor) and Serve (the encoder replicas) both call it. torchaudio is imported when first used.
 
     audio bytes -> soundfile decode -> mono -> torchaudio resample -> pad/crop -> log-mel or MFCC
-                -> float32 (1, F, T)
+                -> standardized with the train split's mean/std (data.audio.stats) -> float32 (1, F, T)
+
+The statistics are measured by the Ray Data pass of training (mmfusion.data.pipeline) and kept in the
+artifact's config, so training, evaluation and serving apply the same `standardize`. A missing clip is all
+zeros after standardization: the train mean, not a "loud" block of raw zeros.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmfusion.config import AudioPreprocessConfig
+from mmfusion.config import AudioPreprocessConfig, AudioStats
 from mmfusion.errors import ConfigError, DecodeError
 
 LOG_EPS = 1e-6  # log-mel floor: log(x + eps) keeps silence finite (about -13.8)
+STD_FLOOR = 0.1  # smallest std used (log-mel nats, MFCC dB): a bin that never varies on train is not blown up
 
 
 def audio_num_samples(cfg: AudioPreprocessConfig) -> int:
@@ -88,8 +93,41 @@ def _features(waves: torch.Tensor, cfg: AudioPreprocessConfig) -> torch.Tensor:
     return feats
 
 
+def check_stats(cfg: AudioPreprocessConfig) -> None:
+    """ConfigError unless data.audio.stats fit the features: F values (or 1), positive stds."""
+    s = cfg.stats
+    if s is None:
+        return
+    f = audio_num_features(cfg)
+    if len(s.mean) not in (1, f) or len(s.std) != len(s.mean) or any(not v > 0 for v in s.std):
+        raise ConfigError(f"data.audio.stats must hold 1 or {f} means and as many positive stds "
+                          f"(got {len(s.mean)} and {len(s.std)}); training measures them: leave them unset")
+
+
+def standardize(features: np.ndarray, present: np.ndarray, stats: AudioStats | None) -> np.ndarray:
+    """(N, 1, F, T) raw features -> (x - mean) / std per feature bin (or globally), float32. Rows that are
+    not present (missing or undecodable) are 0, the standardized mean. No stats: the features unchanged."""
+    if stats is None:
+        return features
+    mean = np.asarray(stats.mean, np.float32).reshape(1, 1, -1, 1)  # (1, 1, F or 1, 1)
+    std = np.asarray(stats.std, np.float32).reshape(1, 1, -1, 1)
+    out = np.zeros_like(features)
+    out[present] = (features[present] - mean) / std
+    return out
+
+
+def fit_stats(count: int, sums: np.ndarray, squares: np.ndarray, normalize: str) -> AudioStats:
+    """AudioStats from moments over `count` frames: `sums` and `squares` (F,) are per-bin sums of x and x^2
+    (float64). normalize "per_bin": F means and stds; "global": one of each."""
+    if normalize == "global":
+        count, sums, squares = count * len(sums), sums.sum(keepdims=True), squares.sum(keepdims=True)
+    mean = sums / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return AudioStats(mean=[float(x) for x in mean], std=[float(x) for x in np.maximum(std, STD_FLOOR)])
+
+
 def audio_batch(values: Sequence[Any], cfg: AudioPreprocessConfig) -> tuple[np.ndarray, list[str | None]]:
-    """Decode, resample, pad/crop, featurize; None entries skipped (zeros).
+    """Decode, resample, pad/crop, featurize, standardize (data.audio.stats); None entries skipped (zeros).
     -> float32 (N, 1, F, T), errors."""
     import torchaudio.functional as AF
 
@@ -121,7 +159,8 @@ def audio_batch(values: Sequence[Any], cfg: AudioPreprocessConfig) -> tuple[np.n
                 errors[i] = "non-finite features (the decoded samples contain NaN or inf)"
             else:
                 out[i, 0] = feats[j].numpy()
-    return out, errors
+    present = np.array([v is not None and e is None for v, e in zip(values, errors, strict=True)], dtype=bool)
+    return standardize(out, present, cfg.stats), errors
 
 
 def preprocess_audio(data: bytes, cfg: AudioPreprocessConfig) -> np.ndarray:

@@ -5,6 +5,7 @@ batches.
       -> from_items(read units).map_batches(read + load media, TaskPoolStrategy)        # readers.py
       -> map_batches(Preprocessor, ActorPoolStrategy, batch_format="numpy")             # preprocessor.py
       -> materialize once: rejects counted and written, max_bad_fraction enforced
+      -> (training) audio feature mean/std measured on the train split, stored in cfg.audio.stats, applied
       -> per-split datasets (val carved out of train by a seeded id hash when the data has none)
     MMCollate turns numpy batches into the torch batch contract of mmfusion.batch.
 
@@ -34,8 +35,9 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import col
 
 from mmfusion.batch import DTYPES, InputSpec, input_keys
-from mmfusion.config import DataConfig
+from mmfusion.config import AudioStats, DataConfig
 from mmfusion.data import readers, rejects, schema
+from mmfusion.data.audio import fit_stats, standardize
 from mmfusion.data.preprocessor import EMPTY_ROW, META_COLUMNS, Preprocessor, input_spec
 from mmfusion.data.text import load_tokenizer
 from mmfusion.errors import DataError
@@ -76,11 +78,17 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
         seed: the experiment seed (val carve-out only).
         labels: class names to index labels with (an artifact's labels at evaluation time); default: the
             sorted unique labels of the train split.
+    Training (labels not given, "train" requested): when audio is configured with data.audio.normalize and
+    without data.audio.stats, the mean/std of the train split's features are measured here, written into
+    `cfg.audio.stats` (so the experiment config saved in the artifact carries them) and applied to every
+    split. With stats already set (an artifact's config), the Preprocessor applies them directly.
     Returns:
         A DatasetBundle; each dataset has the columns of the batch contract (mmfusion.batch).
     Raises:
         DataError: missing data, a configured modality absent from the data, or too many undecodable rows.
     """
+    fit_audio = (labels is None and "train" in splits and "audio" in cfg.modalities
+                 and cfg.audio.normalize != "none" and cfg.audio.stats is None)
     unknown = set(splits) - set(schema.SPLITS)
     if unknown or not splits:
         raise DataError(f"splits must be a non-empty subset of {schema.SPLITS}, got {splits}")
@@ -128,6 +136,8 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
                  100 * cfg.val_fraction, seed)
         good = good.map_batches(_carve_val, batch_format="pyarrow",
                                 fn_kwargs={"seed": seed, "threshold": threshold})
+    if fit_audio:
+        good = _standardize_audio(good, cfg)
     drop = [c for c in (*META_COLUMNS, "error") if c in processed.columns()]
 
     out: dict[str, ray.data.Dataset | None] = {s: None for s in schema.SPLITS}
@@ -141,6 +151,37 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
                          num_rejected=len(bad), num_rows=num_rows, rejects_path=rejects_path,
                          train_rows=rows["train"], val_rows=rows["val"], test_rows=rows["test"],
                          class_counts=counts)
+
+
+def _standardize_audio(good: ray.data.Dataset, cfg: DataConfig) -> ray.data.Dataset:
+    """Measure the audio feature mean/std over the train rows that have audio (a per-batch sum and sum of
+    squares, added up on the driver), store them in cfg.audio.stats and standardize every split with them."""
+    column = list(cfg.modalities).index("audio")
+    parts = (good.filter(expr=col("split") == "train").select_columns(["audio", "present"])
+             .map_batches(_audio_moments, batch_format="numpy", fn_kwargs={"column": column}).take_all())
+    count = sum(int(p["count"]) for p in parts)
+    if count == 0:
+        log.warning("no train row of %s has audio: audio features are not standardized", cfg.path)
+        return good
+    sums = np.sum([p["sums"] for p in parts], axis=0)  # (F,) float64
+    squares = np.sum([p["squares"] for p in parts], axis=0)
+    cfg.audio.stats = fit_stats(count, sums, squares, cfg.audio.normalize)
+    log.info("audio features standardized (%s) with the mean/std of %d train frames", cfg.audio.normalize,
+             count)
+    return good.map_batches(_apply_audio_stats, batch_format="numpy",
+                            fn_kwargs={"stats": cfg.audio.stats, "column": column})
+
+
+def _audio_moments(batch: dict[str, np.ndarray], column: int) -> dict[str, np.ndarray]:
+    """Ray task: per-bin sums of x and x^2 over the frames of the batch's present clips. -> one row"""
+    x = np.asarray(batch["audio"])[np.asarray(batch["present"])[:, column], 0].astype(np.float64)  # (k, F, T)
+    return {"count": np.array([x.shape[0] * x.shape[2]]), "sums": x.sum(axis=(0, 2))[None],
+            "squares": np.square(x).sum(axis=(0, 2))[None]}
+
+
+def _apply_audio_stats(batch: dict[str, np.ndarray], stats: AudioStats, column: int) -> dict[str, np.ndarray]:
+    batch["audio"] = standardize(np.asarray(batch["audio"]), np.asarray(batch["present"])[:, column], stats)
+    return batch
 
 
 def _class_counts(ds: ray.data.Dataset, num_classes: int) -> list[int]:

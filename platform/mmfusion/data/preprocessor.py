@@ -16,7 +16,13 @@ import torch
 
 from mmfusion.batch import INPUT_KEYS, InputSpec
 from mmfusion.config import DataConfig
-from mmfusion.data.audio import audio_batch, audio_num_features, audio_num_frames, feature_transform
+from mmfusion.data.audio import (
+    audio_batch,
+    audio_num_features,
+    audio_num_frames,
+    check_stats,
+    feature_transform,
+)
 from mmfusion.data.image import background_rgb, image_batch, norm_stats
 from mmfusion.data.labels import label_key
 from mmfusion.data.text import Tokenizer, load_tokenizer, text_batch
@@ -42,6 +48,7 @@ def input_spec(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> InputSpec
     if "audio" in mods:
         a = cfg.audio
         feature_transform(a.features, a.sample_rate, a.n_fft, a.hop_length, a.n_mels, a.n_mfcc)  # validates
+        check_stats(a)
         kwargs["audio_shape"] = (1, audio_num_features(a), audio_num_frames(a))
     return InputSpec(modalities=mods, **kwargs)
 

@@ -145,6 +145,7 @@ def summarize(grid: Any, cfg: ExperimentConfig, base: dict[str, Any], bundle: An
     train_dir = f"{exp_path}/train/trial-{best['trial_id']}"
     result = ray.train.Result.from_path(train_dir)
     best_cfg = trial_config(base, {k: best[k] for k in cfg.tune.space})
+    best_cfg.data = cfg.data  # data.* is fixed across trials; it holds the statistics build_datasets measured
     best_cfg.train.artifact_dir = cfg.tune.artifact_dir or f"{exp_path}/best_artifact"
     run = export_run(result, best_cfg, bundle, f"trial-{best['trial_id']}", f"{exp_path}/train")
     if is_remote(exp_path):
