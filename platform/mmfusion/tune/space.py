@@ -44,10 +44,12 @@ def check_space(space: dict[str, dict[str, Any]], search: str = "random") -> dic
             raise ConfigError(f"tune.space.{key}: data, seed and tune settings are shared by all trials and "
                               "cannot be searched")
         if not isinstance(spec, dict) or len(spec) != 1:
-            raise ConfigError(f"tune.space.{key}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
+            raise ConfigError(f"tune.space.{key}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, "
+                              f"got {spec!r}")
         (kind, arg), = spec.items()
         if kind not in DISTRIBUTIONS:
-            raise ConfigError(f"tune.space.{key}: unknown distribution {kind!r}; known: {', '.join(DISTRIBUTIONS)}")
+            raise ConfigError(f"tune.space.{key}: unknown distribution {kind!r}; "
+                              f"known: {', '.join(DISTRIBUTIONS)}")
         if kind in ("choice", "grid"):
             if not isinstance(arg, list) or not arg:
                 raise ConfigError(f"tune.space.{key}: {kind} takes a non-empty list, got {arg!r}")
@@ -79,7 +81,8 @@ def trial_config(base: dict[str, Any], values: dict[str, Any]) -> ExperimentConf
     return validate_config(raw, source="trial config")
 
 
-def validate_space(base: dict[str, Any], space: dict[str, dict[str, Any]], search: str) -> dict[str, tuple[str, Any]]:
+def validate_space(base: dict[str, Any], space: dict[str, dict[str, Any]],
+                   search: str) -> dict[str, tuple[str, Any]]:
     """Check forms, then every key and each representative value against the config models."""
     parsed = check_space(space, search)
     for key, (kind, arg) in parsed.items():
