@@ -122,14 +122,16 @@ def test_generator_rewrites_only_the_block_and_is_idempotent(tmp_path):
     original = (KUBERAY / "rayservice.yaml").read_text()
     manifest.write_text(original)
 
-    cli = ["--serve-config", str(serve), "--rayservice", str(manifest), "--cluster", str(REPO / "cluster.yaml")]
+    cli = ["--serve-config", str(serve), "--rayservice", str(manifest),
+           "--cluster", str(REPO / "cluster.yaml")]
     assert main([*cli, "--check"]) == 1  # out of date, and --check does not write
     assert sync_rayservice(manifest, serve) is False  # rewrote it
     assert sync_rayservice(manifest, serve, check=True) is True  # and now it is up to date
     out = manifest.read_text()
     embedded = embedded_serve_config(out)
     assert embedded["applications"] == SMALL_SERVE["applications"]
-    assert embedded["http_options"] == {"host": "0.0.0.0", "port": 8000}  # where KubeRay's serve Service points
+    # where KubeRay's serve Service points
+    assert embedded["http_options"] == {"host": "0.0.0.0", "port": 8000}
     # everything outside the block is untouched, comments included
     head, tail = original.split("  serveConfigV2: |\n")[0], original.split("\n  rayClusterConfig:")[1]
     assert out.startswith(head + "  serveConfigV2: |\n") and out.endswith("\n  rayClusterConfig:" + tail)

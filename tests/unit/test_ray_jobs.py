@@ -31,7 +31,8 @@ def test_token_lookup_follows_rays_order(tmp_path):
     (home / ".ray" / "auth_token").write_text("from-default-file\n")
     path = tmp_path / "token"
     path.write_text("  from-path \n")
-    assert find_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(path)}, home).value == "from-env"
+    assert find_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(path)},
+                      home).value == "from-env"
     token = find_token({"RAY_AUTH_TOKEN_PATH": str(path)}, home)
     assert token.value == "from-path" and token.source == f"RAY_AUTH_TOKEN_PATH={path}"
     assert find_token({"RAY_AUTH_TOKEN": "  "}, home).value == "from-default-file"  # blank env is no token
@@ -93,8 +94,8 @@ def test_runtime_env_uploads_the_working_dir_and_the_local_package(tmp_path):
 
 
 def test_cli_keeps_everything_after_the_double_dash():
-    args = build_parser().parse_args(["submit", "--address", "http://h:8265", "--no-wait", "--", "train", "c.yaml",
-                                      "--address", "ray://x:10001"])
+    args = build_parser().parse_args(["submit", "--address", "http://h:8265", "--no-wait", "--", "train",
+                                      "c.yaml", "--address", "ray://x:10001"])
     assert args.address == "http://h:8265" and args.no_wait
     assert args.job_command == ["--", "train", "c.yaml", "--address", "ray://x:10001"]
 

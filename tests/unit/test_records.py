@@ -22,7 +22,8 @@ from mmfusion.errors import DataError
 
 def png(value: int = 100) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(value).integers(0, 256, (24, 24), dtype=np.uint8)).save(buf, format="PNG")
+    Image.fromarray(np.random.default_rng(value).integers(0, 256, (24, 24), dtype=np.uint8)).save(
+        buf, format="PNG")
     return buf.getvalue()
 
 
@@ -48,7 +49,8 @@ def acceptance_manifest(root: Path, good: int = 6) -> Path:
     (media / "truncated.png").write_bytes(full[: len(full) // 2])
     (media / "empty.wav").write_bytes(b"")
     rows: list[dict | bytes] = [
-        {"id": f"good{i}", "image": "media/ok.png", "text": f"row {i}", "audio": str(media / "ok.wav"), "label": i % 2}
+        {"id": f"good{i}", "image": "media/ok.png", "text": f"row {i}", "audio": str(media / "ok.wav"),
+         "label": i % 2}
         for i in range(good)
     ]
     rows += [
@@ -110,8 +112,9 @@ def test_parquet_binary_text_bad_utf8_rejects_only_that_row(tmp_path: Path):
 def test_hf_datasets_struct_columns(tmp_path: Path):
     (tmp_path / "b.png").write_bytes(png(3))
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    pq.write_table(pa.table({"image": pa.array([{"bytes": png(2), "path": None}, {"bytes": None, "path": "b.png"}],
-                                               struct), "label": [0, 1]}), tmp_path / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"image": pa.array([{"bytes": png(2), "path": None},
+                                                {"bytes": None, "path": "b.png"}], struct),
+                             "label": [0, 1]}), tmp_path / "train-00000-of-00001.parquet")
     tb = readers.read_records(str(tmp_path))
     assert tb["image"].to_pylist() == [png(2), png(3)]
     assert tb["split"].to_pylist() == ["train", "train"]
@@ -226,25 +229,29 @@ def test_rejects_writer_and_bad_fraction(tmp_path: Path):
     out = tmp_path / "r" / "rejects.jsonl"
     n = rejects.write_rejects(out, [
         {"id": "b", "split": "val", "row": 7, "source": "/d/m.jsonl", "error": "audio: empty (0 bytes)"},
-        {"id": "a", "split": "train", "row": 2, "source": "/d/m.jsonl", "error": "record: line 3 is not valid JSON"},
+        {"id": "a", "split": "train", "row": 2, "source": "/d/m.jsonl",
+         "error": "record: line 3 is not valid JSON"},
     ])
     assert n == 2
     assert rejects.read_rejects(out) == [
         {"id": "a", "split": "train", "row": 2, "source": "/d/m.jsonl", "modality": "record",
          "reason": "line 3 is not valid JSON"},
-        {"id": "b", "split": "val", "row": 7, "source": "/d/m.jsonl", "modality": "audio", "reason": "empty (0 bytes)"},
+        {"id": "b", "split": "val", "row": 7, "source": "/d/m.jsonl", "modality": "audio",
+         "reason": "empty (0 bytes)"},
     ]
     assert rejects.check_bad_fraction(1, 100, 0.01, out) == pytest.approx(0.01)
     with pytest.raises(DataError) as e:
         rejects.check_bad_fraction(2, 100, 0.01, out)
-    assert "2 of 100 rows (2.0%)" in str(e.value) and "max_bad_fraction=0.01" in str(e.value) and str(out) in str(e.value)
+    assert "2 of 100 rows (2.0%)" in str(e.value) and "max_bad_fraction=0.01" in str(e.value)
+    assert str(out) in str(e.value)
 
 
 def test_default_rejects_path(tmp_path: Path):
     (tmp_path / "m.jsonl").write_text("")
     assert rejects.default_rejects_path(str(tmp_path)) == tmp_path / "rejects.jsonl"
     assert rejects.default_rejects_path(str(tmp_path / "m.jsonl")) == tmp_path / "m.rejects.jsonl"
-    assert rejects.default_rejects_path(str(tmp_path), "elsewhere/r.jsonl") == Path("elsewhere/r.jsonl").absolute()
+    assert (rejects.default_rejects_path(str(tmp_path), "elsewhere/r.jsonl")
+            == Path("elsewhere/r.jsonl").absolute())
     with pytest.raises(DataError, match="must be a local path"):
         rejects.default_rejects_path(str(tmp_path), "s3://bucket/r.jsonl")
 
@@ -258,7 +265,8 @@ def test_acceptance3_inspect_reports_and_writes_rejects(tmp_path: Path):
     assert (rejected["trunc"]["modality"], rejected["emptywav"]["modality"]) == ("image", "audio")
     assert "truncated" in rejected["trunc"]["reason"]
     assert rejected["emptywav"]["reason"] == "empty (0 bytes)"
-    assert rejected["missing"]["modality"] == "image" and rejected["missing"]["reason"].startswith("file not found")
+    assert rejected["missing"]["modality"] == "image"
+    assert rejected["missing"]["reason"].startswith("file not found")
     assert rejected["latin1"]["modality"] == "text" and "not valid UTF-8" in rejected["latin1"]["reason"]
     assert rejected["latin1"]["row"] == 9 and rejected["latin1"]["source"] == str(manifest)
     assert "rows     10  (train 10)" in report
