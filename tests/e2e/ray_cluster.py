@@ -1,4 +1,5 @@
-"""A private local Ray cluster for e2e tests: `ray start` processes with token auth, torn down by this test only.
+"""A private local Ray cluster for e2e tests: `ray start` processes with token auth, torn down by this test
+only.
 
 Other Ray clusters may run on the same machine (other test sessions, other users), so nothing here uses
 `ray stop` (which stops every Ray on the machine) or a default port. Every node gets free ports, a temp

@@ -51,7 +51,8 @@ def test_two_workers_spread_over_both_nodes_and_checkpoint_to_shared_storage(two
                     f"train.cpus_per_worker={WORKER_CPUS}", "train.epochs=1", "train.run_name=two-nodes")
     out = subprocess.run([MMF, "submit", "--address", two_nodes.dashboard_url, "--working-dir", str(project),
                           "--", "train", "two.yaml"],
-                         env=two_nodes.client_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                         env=two_nodes.client_env(), cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:] + two_nodes.log_tail()
 
     nodes = train_worker_nodes(two_nodes)

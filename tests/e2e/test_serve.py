@@ -91,8 +91,10 @@ def server(ray_local, arts):
     serve.shutdown()
 
 
-def post(url: str, *, files=None, json=None, data=None, headers=None, timeout: float = 60) -> requests.Response:
-    return requests.post(f"{url}/v1/predict", files=files, json=json, data=data, headers=headers, timeout=timeout)
+def post(url: str, *, files=None, json=None, data=None, headers=None,
+         timeout: float = 60) -> requests.Response:
+    return requests.post(f"{url}/v1/predict", files=files, json=json, data=data, headers=headers,
+                         timeout=timeout)
 
 
 def healthy(url: str) -> bool:
@@ -150,7 +152,8 @@ def _png() -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()  # noise compresses badly: a PNG cut in half has lost image data
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)).save(
+        buf, format="PNG")
     return buf.getvalue()
 
 
@@ -160,14 +163,15 @@ def _chunks(total: int, size: int = 1 << 20):
 
 
 BAD = {  # name: (request kwargs, status, field, words in the message)
-    "corrupt image bytes": (dict(files={"image": ("x.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)}), 400, "image",
-                            "image format"),
+    "corrupt image bytes": (dict(files={"image": ("x.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)}), 400,
+                            "image", "image format"),
     "truncated image": (dict(files={"image": ("x.png", _png()[:400])}), 400, "image", "undecodable"),
-    "text file sent as audio": (dict(files={"audio": ("notes.txt", b"seven, said clearly\n" * 20, "text/plain")}),
+    "text file sent as audio": (dict(files={"audio": ("notes.txt", b"seven, said clearly\n" * 20,
+                                                      "text/plain")}),
                                 400, "audio", "undecodable"),
     "empty body": (dict(data=b"", headers={"Content-Type": "application/json"}), 400, "body", "empty"),
-    "malformed JSON": (dict(data=b'{"text": "one"', headers={"Content-Type": "application/json"}), 400, "body",
-                       "not valid JSON"),
+    "malformed JSON": (dict(data=b'{"text": "one"', headers={"Content-Type": "application/json"}), 400,
+                       "body", "not valid JSON"),
     "malformed multipart": (dict(data=b"--xyz\r\nnot a part header\r\n\r\n--xyz", headers={
         "Content-Type": "multipart/form-data; boundary=xyz"}), 400, "body", "multipart"),
     "multipart without a boundary": (dict(data=b"x", headers={"Content-Type": "multipart/form-data"}), 400,
@@ -177,8 +181,8 @@ BAD = {  # name: (request kwargs, status, field, words in the message)
     "unknown JSON field": (dict(json={"text": "one", "label": "1"}), 422, "label", "unknown field"),
     "unknown multipart field": (dict(files={"video": ("v.mp4", b"0000")}), 422, "video", "unknown field"),
     "image sent as a form field": (dict(files={"image": (None, "/etc/passwd")}), 422, "image", "file upload"),
-    "wrong content type": (dict(data=b"text=one", headers={"Content-Type": "text/plain"}), 415, "content-type",
-                           "unsupported"),
+    "wrong content type": (dict(data=b"text=one", headers={"Content-Type": "text/plain"}), 415,
+                           "content-type", "unsupported"),
     "form-urlencoded": (dict(data={"text": "one"}), 415, "content-type", "unsupported"),
     "invalid base64": (dict(json={"image": "iVBORw0KGgo*not*base64"}), 400, "image", "invalid base64"),
     "oversize payload": (dict(files={"image": ("big.png", b"\x00" * (10 * 1024 * 1024 + 1))}), 413, "body",
@@ -186,11 +190,12 @@ BAD = {  # name: (request kwargs, status, field, words in the message)
     "oversize chunked payload": (dict(data=_chunks(10 * 1024 * 1024 + 1), headers={
         "Content-Type": "application/json"}), 413, "body", "exceeds the limit"),
     "audio of zero bytes": (dict(files={"audio": ("a.wav", b"")}), 400, "audio", "empty (0 bytes)"),
-    "audio of zero samples": (dict(files={"audio": ("a.wav", wav_bytes(np.zeros(0, np.float32)))}), 400, "audio",
-                              "zero-length"),
+    "audio of zero samples": (dict(files={"audio": ("a.wav", wav_bytes(np.zeros(0, np.float32)))}), 400,
+                              "audio", "zero-length"),
     "all-zero audio": (dict(files={"audio": ("a.wav", wav_bytes(np.zeros(8000, np.float32)))}), 422, "audio",
                        "silent clip"),
-    "NaN audio": (dict(files={"audio": ("a.wav", wav_bytes(np.full(800, np.nan, np.float32), subtype="FLOAT"))}),
+    "NaN audio": (dict(files={"audio": ("a.wav", wav_bytes(np.full(800, np.nan, np.float32),
+                                                           subtype="FLOAT"))}),
                   400, "audio", "non-finite"),
     "a bad modality beside good ones": (dict(files={"image": ("x.png", _png()), "text": (None, "seven"),
                                                     "audio": ("a.wav", b"RIFF\x00\x00")}), 400, "audio",
@@ -262,7 +267,8 @@ def test_metadata_health_and_openapi(server):
     assert meta["inputs"]["text"]["max_tokens"] == 32
     assert set(meta["batching"]) == {"image_encoder", "text_encoder", "audio_encoder", "fusion"}
     meta = requests.get(f"{server}/single/v1/metadata", headers=AUTH, timeout=30).json()
-    assert meta["topology"] == "single" and meta["modalities"] == ["image", "text"] and "model" in meta["batching"]
+    assert meta["topology"] == "single" and meta["modalities"] == ["image", "text"]
+    assert "model" in meta["batching"]
     spec = requests.get(f"{server}/openapi.json", timeout=30).json()
     body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
@@ -288,7 +294,8 @@ def test_concurrent_requests_are_batched(server):
         bursts += 1
         before = _image_batches(server)
         with ThreadPoolExecutor(16) as pool:
-            codes = list(pool.map(lambda _: post(server, files={"image": ("x.png", png)}).status_code, range(64)))
+            codes = list(pool.map(lambda _: post(server, files={"image": ("x.png", png)}).status_code,
+                                  range(64)))
         assert codes == [200] * 64
         new = _image_batches(server) - before
         assert sum(k * v for k, v in new.items()) == 64  # every request went through the encoder once
@@ -344,7 +351,8 @@ def test_encoder_autoscales_up_under_a_burst_and_back_down(server):
     def load() -> None:
         with requests.Session() as s:
             while not stop.is_set():
-                codes[s.post(f"{url}/v1/predict", files={"image": ("x.png", png)}, timeout=60).status_code] += 1
+                codes[s.post(f"{url}/v1/predict", files={"image": ("x.png", png)},
+                             timeout=60).status_code] += 1
 
     workers = [threading.Thread(target=load, daemon=True) for _ in range(16)]
     for w in workers:
@@ -361,7 +369,8 @@ def test_encoder_autoscales_up_under_a_burst_and_back_down(server):
     assert peak == 2, f"the encoder never reached 2 running replicas ({dict(codes)} answers)"
     assert codes[200] > 0 and set(codes) == {200}
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and (_running("scale", "ImageEncoder") != 1 or _others("scale", "ImageEncoder")):
+    while time.monotonic() < deadline and (_running("scale", "ImageEncoder") != 1
+                                           or _others("scale", "ImageEncoder")):
         time.sleep(0.5)
     assert (_running("scale", "ImageEncoder"), _others("scale", "ImageEncoder")) == (1, 0)
     assert post(url, files={"image": ("x.png", png)}).status_code == 200

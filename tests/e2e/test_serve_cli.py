@@ -1,5 +1,6 @@
-"""`mmfusion serve` and `mmfusion request` as a user (and `make demo`) runs them: the server on its own embedded
-Ray cluster with the default serve/local.yaml, a test split sent over HTTP, then SIGTERM stops it cleanly."""
+"""`mmfusion serve` and `mmfusion request` as a user (and `make demo`) runs them: the server on its own
+embedded Ray cluster with the default serve/local.yaml, a test split sent over HTTP, then SIGTERM stops it
+cleanly."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def _free_port() -> int:
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"mmfusion serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
+        assert proc.poll() is None, (f"mmfusion serve exited with {proc.returncode}:\n"
+                                     f"{log.read_text()[-4000:]}")
         try:
             if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
                 return
@@ -58,8 +60,8 @@ def test_serve_then_request_a_split_then_sigterm(avt_tiny, tmp_path):
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([MMF, "serve", str(art), "--port", str(port)], cwd=REPO, env=_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([MMF, "serve", str(art), "--port", str(port)], cwd=REPO, env=_env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_healthy(url, proc, log)
 

@@ -91,5 +91,6 @@ def test_submit_train_succeeds_and_its_artifact_exists(cluster, avt_tiny, tmp_pa
     assert status.returncode == 0 and status.stdout.splitlines()[0] == "SUCCEEDED"
     logs = mmfusion(cluster, "jobs", "logs", job, "--address", cluster.dashboard_url)
     assert logs.returncode == 0 and "mmfusion train jobs/configs/tiny.yaml" in logs.stdout
-    unknown = mmfusion(cluster, "jobs", "status", "raysubmit_doesnotexist", "--address", cluster.dashboard_url)
+    unknown = mmfusion(cluster, "jobs", "status", "raysubmit_doesnotexist", "--address",
+                       cluster.dashboard_url)
     assert unknown.returncode == 2 and "no job raysubmit_doesnotexist" in unknown.stderr

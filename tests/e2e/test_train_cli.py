@@ -51,7 +51,8 @@ def test_driver_killed_then_same_command_resumes(avt_tiny, tmp_path):
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)  # own process group: the kill takes its local Ray with it
     deadline = time.time() + 300
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # written once the controller registered a checkpoint
+    # written once the controller registered a checkpoint
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     while time.time() < deadline and proc.poll() is None and not snapshot.exists():
         time.sleep(0.2)
     assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
@@ -62,7 +63,8 @@ def test_driver_killed_then_same_command_resumes(avt_tiny, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     artifact = Path(out.stdout.strip().splitlines()[-1])
     metrics = json.loads((artifact / "metrics.json").read_text())
-    assert metrics["starts"][0] == 0 and metrics["starts"][-1] >= 1  # the re-run continued, it did not restart
+    # the re-run continued, it did not restart
+    assert metrics["starts"][0] == 0 and metrics["starts"][-1] >= 1
     assert [h["epoch"] for h in metrics["history"]] == list(range(5))
 
     ev = subprocess.run([MMF, "evaluate", str(artifact), "--data", str(avt_tiny), "--split", "test"],

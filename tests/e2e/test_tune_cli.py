@@ -28,8 +28,8 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(avt_tiny, 
     cfg.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     train_dir = tmp_path / "runs" / "resume" / "train"
-    proc = subprocess.Popen([MMF, "tune", str(cfg)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen([MMF, "tune", str(cfg)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
     first = None
     while time.time() < deadline and proc.poll() is None:
