@@ -45,8 +45,8 @@ def experiment_name(cfg: ExperimentConfig) -> str:
     return f"tune-{Path(cfg.data.path.rstrip('/')).stem}-{digest}"
 
 
-def trial_fn(config: dict[str, Any], base: dict[str, Any], datasets: dict[str, Any], data_info: dict[str, Any],
-             train_storage: str, embedded: bool) -> None:
+def trial_fn(config: dict[str, Any], base: dict[str, Any], datasets: dict[str, Any],
+             data_info: dict[str, Any], train_storage: str, embedded: bool) -> None:
     """Runs inside a Tune trial actor: build the trial's config and run one TorchTrainer."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -110,8 +110,8 @@ def run_tune(cfg: ExperimentConfig, address: str | None = None) -> TuneRun:
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
-    log.info("tune experiment %s: %d sample(s), search=%s, scheduler=%s, metric=%s (%s)", name, tu.num_samples,
-             tu.search, tu.scheduler, metric, mode)
+    log.info("tune experiment %s: %d sample(s), search=%s, scheduler=%s, metric=%s (%s)", name,
+             tu.num_samples, tu.search, tu.scheduler, metric, mode)
     grid = tuner.fit()
     return summarize(grid, cfg, base, bundle, name, exp_path, metric, mode)
 
@@ -187,7 +187,8 @@ def _plot(rows: list[dict[str, Any]], metric: str, path: Path) -> Path:
 
 def _table(rows: list[dict[str, Any]], metric: str, mode: str, keys: list[str]) -> str:
     ordered = sorted(rows, key=lambda r: (r[f"best_{metric}"] is None,
-                                          -(r[f"best_{metric}"] or 0) if mode == "max" else (r[f"best_{metric}"] or 0)))
+                                          -(r[f"best_{metric}"] or 0) if mode == "max"
+                                          else (r[f"best_{metric}"] or 0)))
     head = ["trial", *keys, "epochs", f"best {metric}", "status"]
     lines = [" | ".join(head)]
     for r in ordered:
