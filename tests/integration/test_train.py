@@ -63,6 +63,7 @@ def test_two_worker_training_writes_an_artifact_that_predicts_like_the_trained_m
         m.setattr(pickle, "loads", no_pickle)
         m.setattr(torch, "load", no_pickle)
         art = load_artifact(art_dir)
+    assert art.cfg.data.audio.stats is not None  # measured on train, kept for evaluation and serving
     # the artifact must predict what the kept (best) checkpoint's model predicts, on the same test rows
     trained = _trained_model(Path(run.path), run.metrics["best_epoch"], cfg)
     got = _predict(art, avt_tiny)

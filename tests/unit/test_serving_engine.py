@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 from tests.helpers import tiny_config
 
-from mmfusion.artifact import load_artifact, save_artifact
+from mmfusion.artifact import load_artifact, read_artifact_info, save_artifact
+from mmfusion.config import AudioStats
+from mmfusion.data.audio import audio_batch
 from mmfusion.data.preprocessor import input_spec
 from mmfusion.data.readers import read_records
 from mmfusion.evaluate.report import predict_split
@@ -66,8 +68,14 @@ def write_records(root: Path, n: int = 30, seed: int = 0) -> Path:
 
 
 def make_artifact(data: Path, out: Path, *overrides: str) -> Path:
-    """A randomly initialised tiny model saved as an artifact (no training: the numbers are what matter)."""
+    """A randomly initialised tiny model saved as an artifact (no training: the numbers are what matter).
+    With audio, the config carries audio statistics as training writes them, so that the offline and the
+    served paths both have to apply them."""
     cfg = tiny_config(data, out.parent / "runs", *overrides)
+    if "audio" in cfg.data.modalities:
+        f = input_spec(cfg.data).audio_shape[1]
+        cfg.data.audio.stats = AudioStats(mean=list(np.linspace(-10.0, -2.0, f)),
+                                          std=list(np.linspace(1.5, 4.0, f)))
     torch.manual_seed(0)
     model = build_model(cfg.model, input_spec(cfg.data), 10)
     last = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)][-1]
@@ -139,6 +147,20 @@ def test_a_bad_row_fails_alone(setup):
     assert out[2].error == "empty (0 bytes)"
     assert "undecodable" in out[3].error  # a truncated PNG
     np.testing.assert_allclose(out[0].embedding, runner([good])[0].embedding, atol=1e-6)
+
+
+def test_audio_statistics_travel_in_the_artifact(setup):
+    _, art, rows = setup
+    stats = read_artifact_info(art).cfg.data.audio.stats
+    assert stats is not None and stats.mean[0] == -10.0 and stats.std[-1] == 4.0
+    clip = next(r["audio"] for r in rows if r["audio"] is not None)
+    cfg = load_artifact(art).cfg.data
+    runner = EncoderRunner(keep_encoder(load_artifact(art).model, "audio"), cfg, "audio", CPU)
+    runner_in, _ = runner.preprocess([clip])  # what the audio encoder replica feeds its model
+    raw, _ = audio_batch([clip], cfg.audio.model_copy(update={"stats": None}))
+    mean = np.asarray(stats.mean, np.float32)[None, None, :, None]
+    std = np.asarray(stats.std, np.float32)[None, None, :, None]
+    np.testing.assert_allclose(runner_in["audio"], (raw - mean) / std, rtol=1e-6, atol=1e-6)
 
 
 def test_audio_inputs(setup):
