@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmfusion.config import load_config
 from mmfusion.cluster import embedded_serve_config, main, render_rayservice, serve_config_v2, sync_rayservice
+from mmfusion.config import load_config
 from mmfusion.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
