@@ -40,5 +40,6 @@ def test_asha_search_stops_bad_trials_and_exports_the_best(ray_local, avt_tiny, 
     assert run.plot.is_file() and "best val_loss" in run.table
     art = load_artifact(run.artifact)
     assert art.cfg.optim.lr == pytest.approx(3e-3) and art.cfg.tune is None
+    assert art.cfg.data.audio.stats is not None  # measured once on train, exported with the best trial
     ev = evaluate_artifact(run.artifact, data=str(avt_tiny), split="test")
     assert 0.0 <= ev.report["accuracy"] <= 1.0 and ev.report["num_samples"] > 0
