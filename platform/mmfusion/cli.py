@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("config", help="experiment YAML, e.g. jobs/configs/avt_digits.yaml")
-        sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
+        sp.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. optim.lr=3e-4")
 
     config = sub.add_parser("config", help="show the resolved experiment config").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND")
@@ -199,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     it = cmd(sub, "init", _init, "write a starter experiment YAML derived from a dataset's statistics")
     it.add_argument("data", help="dataset folder or manifest (Parquet/JSONL/CSV)")
-    it.add_argument("--out", default="experiment.yaml", help="config file to write (default: experiment.yaml)")
+    it.add_argument("--out", default="experiment.yaml",
+                    help="config file to write (default: experiment.yaml)")
     it.add_argument("--label-column", default="label")
     it.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
@@ -207,35 +209,45 @@ def build_parser() -> argparse.ArgumentParser:
         dest="sub", required=True, metavar="SUBCOMMAND")
     with_config(cmd(model, "summary", _model_summary, "parameters per part and forward FLOPs per sample"))
 
-    t = cmd(sub, "train", _train, "train with Ray Train (resumes a run of the same config); prints the artifact path")
+    t = cmd(sub, "train", _train, "train with Ray Train (resumes a run of the same config); "
+            "prints the artifact path")
     with_config(t)
-    t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
+    t.add_argument("--address",
+                   help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
 
     tn = cmd(sub, "tune", _tune, "hyperparameter search with Ray Tune (the config's tune: section); "
              "re-running resumes")
     with_config(tn)
-    tn.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
+    tn.add_argument("--address",
+                    help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
 
-    e = cmd(sub, "evaluate", _evaluate, "accuracy, macro-F1, per-class table and confusion matrix of an artifact")
+    e = cmd(sub, "evaluate", _evaluate, "accuracy, macro-F1, per-class table and confusion matrix "
+            "of an artifact")
     e.add_argument("artifact", help="artifact folder written by `mmfusion train`")
     e.add_argument("--data", help="dataset folder or manifest (default: the artifact's data.path)")
     e.add_argument("--split", default="test", help="split to evaluate (default: test)")
     e.add_argument("--modalities", nargs="+", choices=MODALITIES,
                    help="hide the other modalities (robustness to a missing modality)")
-    e.add_argument("--address", help="Ray cluster address for large inputs (default: local, no Ray for small)")
+    e.add_argument("--address",
+                   help="Ray cluster address for large inputs (default: local, no Ray for small)")
 
-    sv = cmd(sub, "serve", _serve, "serve an artifact over HTTP with Ray Serve until interrupted (Ctrl-C)")
-    sv.add_argument("artifact", help="artifact folder written by `mmfusion train` (or an s3://, gs:// URI)")
-    sv.add_argument("--config", default="serve/local.yaml", help="Serve config file (default: serve/local.yaml)")
+    sv = cmd(sub, "serve", _serve, "serve an artifact over HTTP with Ray Serve until interrupted "
+             "(Ctrl-C)")
+    sv.add_argument("artifact",
+                    help="artifact folder written by `mmfusion train` (or an s3://, gs:// URI)")
+    sv.add_argument("--config", default="serve/local.yaml",
+                    help="Serve config file (default: serve/local.yaml)")
     sv.add_argument("--host", help="bind address (default: the config's http_options.host)")
     sv.add_argument("--port", type=int, help="port (default: the config's http_options.port)")
     sv.add_argument("--topology", choices=["split", "single"], help="override the config's args.topology")
     sv.add_argument("--api-key-env", help="require the API key held in this environment variable")
-    sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
-    sv.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the deployment (default 300)")
+    sv.add_argument("--address",
+                    help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")
+    sv.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds to wait for the deployment (default 300)")
 
-    rq = cmd(sub, "request", _request, "send one prediction request to a served model, or a whole dataset split "
-             "(prints the accuracy measured through HTTP)")
+    rq = cmd(sub, "request", _request, "send one prediction request to a served model, "
+             "or a whole dataset split (prints the accuracy measured through HTTP)")
     rq.add_argument("url", help="server URL, e.g. http://127.0.0.1:8000")
     rq.add_argument("--image", help="image file to send")
     rq.add_argument("--audio", help="audio file to send")
@@ -251,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--wait", type=float, default=0.0, help="first wait up to this many seconds for /healthz")
     rq.add_argument("--health", action="store_true", help="only check /healthz (exit status 0 when healthy)")
 
-    address_help = ("Ray Jobs API (dashboard) URL, e.g. http://127.0.0.1:8265 (default: RAY_API_SERVER_ADDRESS, "
-                    "else an http RAY_ADDRESS, else http://127.0.0.1:8265)")
+    address_help = ("Ray Jobs API (dashboard) URL, e.g. http://127.0.0.1:8265 "
+                    "(default: RAY_API_SERVER_ADDRESS, else an http RAY_ADDRESS, else http://127.0.0.1:8265)")
     s = cmd(sub, "submit", _submit, "run an mmfusion command on a Ray cluster as a Ray Job: "
             "mmfusion submit [options] -- train CONFIG [key=value ...]")
     s.add_argument("--address", help=address_help)
