@@ -65,7 +65,8 @@ def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, strict: 
     problem = None
     if total.get("CPU", 0) + 1e-9 < need_cpu:
         problem = (
-            f"train.num_workers={num_workers} x train.cpus_per_worker={cpus_per_worker} needs {need_cpu:g} CPUs, "
+            f"train.num_workers={num_workers} x train.cpus_per_worker={cpus_per_worker} "
+            f"needs {need_cpu:g} CPUs, "
             f"but the cluster has {total.get('CPU', 0):g}; lower train.num_workers or train.cpus_per_worker")
     elif use_gpu and total.get("GPU", 0) < num_workers:
         problem = (

@@ -180,7 +180,8 @@ def _text_stats(st: TextStats, value: Any) -> None:
 
 
 def dominant_script(text: str) -> str:
-    """The Unicode script most letters of `text` belong to (LATIN, CYRILLIC, CJK, ...); "none" if no letters."""
+    """The Unicode script most letters of `text` belong to (LATIN, CYRILLIC, CJK, ...); "none" if no
+    letters."""
     scripts: Counter[str] = Counter()
     for ch in text:
         if ch.isalpha():
@@ -191,7 +192,8 @@ def dominant_script(text: str) -> str:
 
 def pixel_stats(st: ImageStats, size: int, channels: int, background: Any = None,
                 ) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of pixels in [0, 1] after the training decode and resize (alpha composited)."""
+    """Per-channel mean and std of pixels in [0, 1] after the training decode and resize (alpha
+    composited)."""
     from mmfusion.config import ImagePreprocessConfig
     from mmfusion.data.image import image_batch
 

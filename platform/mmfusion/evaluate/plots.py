@@ -38,7 +38,8 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path, title: str =
     return path
 
 
-def plot_confusion_matrix(cm: np.ndarray | list[list[int]], labels: list[str], path: Path, title: str = "") -> Path:
+def plot_confusion_matrix(cm: np.ndarray | list[list[int]], labels: list[str], path: Path,
+                          title: str = "") -> Path:
     plt = _pyplot()
     cm = np.asarray(cm)
     k = len(labels)

@@ -132,7 +132,8 @@ def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, stora
         state = load_loop_state(Path(d))  # the latest holds the full history
     with best.as_directory() as d:
         weights = load_model_state(Path(d))
-    metrics = {"run_name": name, "best_epoch": state.best_epoch, f"best_{cfg.train.metric}": state.best_metric,
+    metrics = {"run_name": name, "best_epoch": state.best_epoch,
+               f"best_{cfg.train.metric}": state.best_metric,
                "epochs_run": state.epoch + 1, "starts": state.starts, "stopped_early": state.stopped_early,
                "history": state.history, "train_rows": bundle.train_rows, "val_rows": bundle.val_rows,
                "rejected_rows": bundle.num_rejected,
