@@ -46,8 +46,9 @@ def test_small_build_card_matches_and_the_platform_reader_accepts_it(avt_small: 
     assert card["splits"]["test"]["audio_voices"].keys() == {f"asterisk:{v}" for v in
                                                             card["generation"]["asterisk_voices"]}
     files = readers.discover(str(avt_small))
+    # _provenance is skipped
     assert sorted((f.split, Path(f.location).name) for f in files) == [
-        ("test", "test.parquet"), ("train", "train.parquet"), ("val", "val.parquet")]  # _provenance is skipped
+        ("test", "test.parquet"), ("train", "train.parquet"), ("val", "val.parquet")]
     summary = readers.summarize(str(avt_small), "label")
     assert summary.rows == {"train": 3500, "val": 500, "test": 1000}
     assert {"id", "split", "image", "text", "audio", "label"} <= summary.columns

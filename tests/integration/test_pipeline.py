@@ -22,9 +22,11 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_acceptance3_bad_rows_rejected_good_rows_flow(ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_acceptance3_bad_rows_rejected_good_rows_flow(ray_local, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture):
-    manifest = acceptance_manifest(tmp_path, good=12)  # + a truncated PNG, an empty WAV, a missing file, Latin-1 text
+    # + a truncated PNG, an empty WAV, a missing file, Latin-1 text
+    manifest = acceptance_manifest(tmp_path, good=12)
     # the path big datasets take: several read units, blocks cut small and spread over two Preprocessor actors
     monkeypatch.setattr(pipeline, "ROWS_PER_ACTOR", 8)
     monkeypatch.setattr(pipeline, "PREPROCESS_BLOCK", 4)
@@ -69,8 +71,8 @@ def test_too_many_bad_rows_stop_the_run(ray_local, tmp_path: Path):
 def test_configured_modality_absent_from_the_data(tmp_path: Path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"text": "one", "label": 1}\n')
-    with pytest.raises(DataError, match="data.modalities includes 'image', 'audio' but the dataset .* has no image or "
-                                        "audio column"):
+    with pytest.raises(DataError, match="data.modalities includes 'image', 'audio' but the dataset .* has no "
+                                        "image or audio column"):
         build_datasets(DataConfig(path=str(path)))
     with pytest.raises(DataError, match="has no 'test' rows"):
         build_datasets(DataConfig(path=str(path), modalities=["text"]), splits=("train", "test"))
@@ -89,7 +91,8 @@ def test_acceptance4_avt_digits_collated_batches(ray_local, avt_tiny: Path):
     for name, ds, n in (("train", bundle.train, bundle.train_rows), ("val", bundle.val, bundle.val_rows),
                         ("test", bundle.test, bundle.test_rows)):
         rows = 0
-        for b in iter_torch_batches(ds, batch_size=64, spec=spec, shuffle_seed=0 if name == "train" else None):
+        for b in iter_torch_batches(ds, batch_size=64, spec=spec,
+                                    shuffle_seed=0 if name == "train" else None):
             B = len(b["label"])
             rows += B
             assert b["image"].shape == (B, *spec.image_shape) and b["image"].dtype == torch.float32

@@ -184,7 +184,8 @@ def hf_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     trainer = trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]"])
     tok.train_from_iterator(["one two three", "four five six", "seven eight nine zero"], trainer)
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", 2)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]")
     out = tmp_path_factory.mktemp("hf_tok")
     fast.save_pretrained(out)
     return out
@@ -221,7 +222,8 @@ def test_audio_logmel_shape_dtype_and_resampling():
     assert x.shape == (1, 40, 101) and x.dtype == np.float32 and np.isfinite(x).all()
     y = preprocess_audio(wav(tone(0.5, sr=16000), sr=16000), cfg)  # resampled to 8 kHz first
     assert y.shape == (1, 40, 101)
-    np.testing.assert_allclose(x[..., 5:45], y[..., 5:45], atol=0.3)  # same tone, same features (away from edges)
+    # same tone, same features (away from edges)
+    np.testing.assert_allclose(x[..., 5:45], y[..., 5:45], atol=0.3)
     assert x[0, :, 70:].max() < x[0, :, :40].max() - 5  # padded tail is silence
 
 
@@ -251,7 +253,8 @@ def test_audio_standardized_with_stats_and_missing_is_the_mean():
     cfg = raw_cfg.model_copy(update={"stats": AudioStats(mean=list(mean), std=list(std))})
     x, errors = audio_batch(clips, cfg)
     assert errors == [None, None, None] and x.dtype == np.float32
-    expected = (raw - mean.astype(np.float32)[None, None, :, None]) / std.astype(np.float32)[None, None, :, None]
+    expected = ((raw - mean.astype(np.float32)[None, None, :, None])
+                / std.astype(np.float32)[None, None, :, None])
     np.testing.assert_allclose(x[[0, 2]], expected[[0, 2]], rtol=1e-6, atol=1e-6)
     assert (x[1] == 0).all()  # a missing clip is the standardized mean, not a block of raw zeros
     one = preprocess_audio(clips[0], cfg.model_copy(update={"stats": AudioStats(mean=[-5.0], std=[2.0])}))
@@ -335,13 +338,15 @@ def test_preprocessor_batch_contract():
     assert not out["present"][2:].any()  # rejected rows carry nothing
     assert out["label"].tolist() == [0, 1, -1, -1, -1, -1]
     assert out["id"].tolist() == list("abcdef") and out["split"].tolist() == ["train"] * 6
-    assert (out["image"][1] == 0).all() and (out["text"][0, :4] == [1, ord("o") + 3, ord("n") + 3, ord("e") + 3]).all()
+    assert (out["image"][1] == 0).all() and (out["text"][0, :4]
+                                             == [1, ord("o") + 3, ord("n") + 3, ord("e") + 3]).all()
     np.testing.assert_array_equal(out["image"][0], preprocess_image(png(), cfg.image))  # one code path
 
 
 def test_preprocessor_only_configured_modalities_and_no_labels():
     pre = Preprocessor(DataConfig(path="x", modalities=["text"]), labels=None)
-    out = pre({"text": np.array(["hi", "there"], dtype=object), "image": np.array([b"junk", b"junk"], dtype=object)})
+    out = pre({"text": np.array(["hi", "there"], dtype=object),
+               "image": np.array([b"junk", b"junk"], dtype=object)})
     assert set(out) == {"text", "text_mask", "present", "label", "id", "error"}
     assert out["error"].tolist() == ["", ""]  # the unconfigured (and bad) image is never decoded
     assert out["label"].tolist() == [-1, -1] and out["present"].tolist() == [[True], [True]]
