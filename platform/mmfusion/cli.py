@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--audio", help="audio file to send")
     rq.add_argument("--text", help="text to send")
     rq.add_argument("--json", action="store_true", help="send JSON with base64 media instead of multipart")
-    rq.add_argument("--data", help="send every record of a dataset split instead (dataset folder or manifest)")
+    rq.add_argument("--data",
+                    help="send every record of a dataset split instead (dataset folder or manifest)")
     rq.add_argument("--split", default="test", help="split for --data (default: test)")
     rq.add_argument("--modalities", nargs="+", choices=MODALITIES,
                     help="with --data: send only these modalities")
@@ -269,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
             "mmfusion submit [options] -- train CONFIG [key=value ...]")
     s.add_argument("--address", help=address_help)
     s.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default: .)")
-    s.add_argument("--no-wait", action="store_true", help="print the job id and return without streaming logs")
+    s.add_argument("--no-wait", action="store_true",
+                   help="print the job id and return without streaming logs")
     s.add_argument("--use-installed", action="store_true",
                    help="run the mmfusion installed on the cluster instead of uploading platform/mmfusion")
     s.add_argument("--num-cpus", type=float, help="CPUs reserved for the job's driver (default: 0)")
