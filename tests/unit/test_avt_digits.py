@@ -19,8 +19,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from mmfusion.datasets import avt_digits
 from mmfusion.datasets.avt_digits import audio, build_avt_digits, image, recipe, shards, sources, text
+from mmfusion.datasets.output import remove_stale_temp
 from mmfusion.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -227,7 +227,7 @@ def test_temp_folders_of_killed_builds_are_removed(tmp_path: Path):
              f".out.building-{dead}x"]
     for n in names:
         (tmp_path / n).mkdir()
-    avt_digits._remove_stale_temp(tmp_path / "out")
+    remove_stale_temp(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])  # a live build and others: kept
 
 

@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import shutil
 import time
 from pathlib import Path
 
@@ -50,6 +47,7 @@ from mmfusion.datasets.avt_digits.shards import (
     voice_settings,
 )
 from mmfusion.datasets.avt_digits.sources import asterisk_clips, describe_sources, mnist_path
+from mmfusion.datasets.output import atomic_build, check_out
 from mmfusion.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -71,7 +69,7 @@ def build_avt_digits(out: Path, variant: str = "small", seed: int = 0) -> Path:
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise DataError(f"the AVT-Digits seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
-    _check_out(out)
+    check_out(out, NAME, "AVT-Digits")
     spec = VARIANTS[variant]
     t0 = time.perf_counter()
 
@@ -94,65 +92,12 @@ def build_avt_digits(out: Path, variant: str = "small", seed: int = 0) -> Path:
     ctx = ShardContext(seed=seed, variant=variant, images=images, labels=labels, clips=clips,
                        augment=spec.augment)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp(out)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        (tmp / "_provenance").mkdir(parents=True)
+    with atomic_build(out) as tmp:
+        (tmp / "_provenance").mkdir()
         jobs = plan_shards(spec, pools, labels, rng, tmp)
         stats = run_shards(ctx, jobs, workers=2 if spec.sharded else 1)
         card = data_card(variant, seed, spec, sources, voices, asterisk, stats, tmp)
         (tmp / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("AVT-Digits %s (seed %d): %s rows in %.1f s -> %s", variant, seed,
              "/".join(str(spec.rows[s]) for s in SPLITS), time.perf_counter() - t0, out)
     return target
-
-
-# ------------------------------------------------------------------------------------ output folder
-
-
-def is_avt_build(path: Path) -> bool:
-    """True if `path` holds a (finished) AVT-Digits build: a data_card.json naming this dataset."""
-    try:
-        card = json.loads((Path(path) / "data_card.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(card, dict) and card.get("name") == NAME
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_avt_build(out):
-        raise DataError(f"--out {out} is not empty and is not a previous AVT-Digits build (no data_card.json "
-                        f"naming {NAME!r}); choose an empty or new folder")
-
-
-def _remove_stale_temp(out: Path) -> None:
-    """Delete the temp folders of builds of `out` that were killed (their process is gone)."""
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:building|old)-(\d+)", p.name)
-        if not m or not p.is_dir():
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            log.info("removing %s, left by an interrupted build", p)
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:  # someone else's live process
-            pass
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Swap the finished build in: a reader sees the old build or the new one, never half of one."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

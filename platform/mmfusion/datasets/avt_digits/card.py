@@ -24,7 +24,7 @@ from mmfusion.datasets.avt_digits.recipe import (
     Variant,
 )
 from mmfusion.datasets.avt_digits.shards import voice_name
-from mmfusion.datasets.avt_digits.sources import sha256_file
+from mmfusion.datasets.output import sha256_file
 
 
 def data_card(variant: str, seed: int, spec: Variant, sources: dict[str, Any], voices: dict[str, list[Any]],

