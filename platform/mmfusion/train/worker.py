@@ -159,7 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(metrics, checkpoint=checkpoint)  # [ray] every rank reports
     if state.learned is False and rank == 0:
         log.warning("train accuracy never beat the majority class share %.3f (best %.3f): the model predicts "
-                    "(nearly) one class. Try optim.class_weights=balanced, a lower optim.lr or "
+                    "(nearly) one class. Try optim.class_weights=balanced, another optim.lr or "
                     "optim.encoder_lr, or check the inputs (mmfusion data inspect)", state.majority_share,
                     max(h["train_accuracy"] for h in state.history))
     return {"epoch": state.epoch, "starts": state.starts}
