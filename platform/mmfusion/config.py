@@ -10,16 +10,17 @@ what happens when an encoder's `name` changes.
 
 from __future__ import annotations
 
-import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mmfusion import config_merge
 from mmfusion.batch import MODALITIES, Modality
-from mmfusion.config_merge import apply_overrides, parse_override, read_yaml  # noqa: F401 (re-exported)
+from mmfusion.config_merge import expand_annotation as _expand
+from mmfusion.config_merge import parse_override  # noqa: F401 (re-exported)
 from mmfusion.errors import ConfigError
 
 
@@ -41,7 +42,8 @@ class ImagePreprocessConfig(Strict):
 
 
 class TextPreprocessConfig(Strict):
-    tokenizer: str = "builtin"  # "builtin" (UTF-8 byte vocabulary) or a Hugging Face tokenizer name / local path
+    # "builtin" (UTF-8 byte vocabulary) or a Hugging Face tokenizer name / local path
+    tokenizer: str = "builtin"
     max_length: int = Field(32, ge=1, le=4096)  # tokens; longer texts are truncated (and said so)
     lowercase: bool = True  # builtin tokenizer only
 
@@ -73,8 +75,10 @@ class DataConfig(Strict):
     modalities: list[Modality] = list(MODALITIES)  # which columns feed the model
     label_column: str = "label"
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # used only when the data has no val split
-    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)  # above this share of undecodable rows the run stops
-    rejects_path: str | None = None  # where rejected rows go; default: <path>/rejects.jsonl or beside the manifest
+    # above this share of undecodable rows the run stops
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    # where rejected rows go; default: <path>/rejects.jsonl or beside the manifest
+    rejects_path: str | None = None
     read_parallelism: int = Field(-1, ge=-1)  # Ray Data read tasks; -1 = Ray's choice
     image: ImagePreprocessConfig = ImagePreprocessConfig()
     text: TextPreprocessConfig = TextPreprocessConfig()
@@ -103,7 +107,8 @@ class CnnImageEncoderConfig(Strict):
 class ResnetImageEncoderConfig(Strict):
     name: Literal["resnet"] = "resnet"
     arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    weights: str | None = None  # None (random init), a local .pt/.safetensors file, or a torchvision weights name
+    # None (random init), a local .pt/.safetensors file, or a torchvision weights name
+    weights: str | None = None
     freeze: bool = False
     dim: int | None = None  # project to this size; None keeps the backbone's width
 
@@ -158,12 +163,14 @@ class EncodersConfig(Strict):
 
 
 class FusionConfig(Strict):
-    name: Literal["concat", "attention", "gated", "tensor", "low_rank", "late"] = "concat"  # the fusion operator
+    # the fusion operator
+    name: Literal["concat", "attention", "gated", "tensor", "low_rank", "late"] = "concat"
     dim: int = Field(128, ge=1)  # fused representation size
     hidden: int = Field(256, ge=1)  # MLP width after fusion
     heads: int = Field(4, ge=1)  # attention fusion
     rank: int = Field(4, ge=1)  # low_rank fusion
-    tensor_dim: int = Field(16, ge=1)  # tensor fusion: per-modality size before the outer product ((d+1)^M features)
+    # tensor fusion: per-modality size before the outer product ((d+1)^M features)
+    tensor_dim: int = Field(16, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
 
 
@@ -241,7 +248,18 @@ class ExperimentConfig(Strict):
 # ------------------------------------------------------------------------------------------ loading
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, base_dir: str | Path | None = None,
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """An experiment YAML as a dict, its `base:` files merged in (see mmfusion.config_merge)."""
+    return config_merge.read_yaml(path, root=ExperimentConfig)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Dotted `key=value` overrides applied to a raw experiment dict (see mmfusion.config_merge)."""
+    return config_merge.apply_overrides(raw, overrides, root=ExperimentConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                base_dir: str | Path | None = None,
                 ) -> ExperimentConfig:
     """Read an experiment YAML (or start empty when path is None), apply overrides, validate.
 
@@ -287,7 +305,8 @@ def format_validation_error(err: ValidationError, root: type[BaseModel], data: A
     return "\n".join(lines)
 
 
-_TAGS = {"cnn", "resnet", "hf", "lstm", "transformer"}  # encoder `name` tags that pydantic puts in error locations
+# encoder `name` tags that pydantic puts in error locations
+_TAGS = {"cnn", "resnet", "hf", "lstm", "transformer"}
 
 
 def unknown_keys(data: Any, model: type[BaseModel]) -> list[str]:
@@ -333,13 +352,3 @@ def _walk(value: Any, annotation: Any, path: str) -> list[tuple[str, list[str]]]
         if origin is dict and isinstance(value, dict) and len(args) == 2:
             return [k for key, v in value.items() for k in _walk(v, args[1], f"{path}.{key}")]
     return []
-
-
-def _expand(t: Any) -> list[Any]:
-    """The types an annotation admits: Annotated unwrapped, unions (and Optional) flattened."""
-    origin = typing.get_origin(t)
-    if origin is Annotated:
-        return _expand(typing.get_args(t)[0])
-    if origin is Union or origin is types.UnionType:
-        return [x for a in typing.get_args(t) for x in _expand(a)]
-    return [t]

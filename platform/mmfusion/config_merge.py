@@ -12,17 +12,22 @@ or an hf encoder, each with its own keys) follow one rule when the name changes:
 
 Sections with one type for every name (`model.fusion`, `optim`) always merge key by key: `optim.name=sgd`
 keeps the base's lr.
+
+The schema comes in as `root` (mmfusion.config passes ExperimentConfig): this module never imports config.
+Without a root, sections merge key by key and a name override sets only the name.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union
 
 import yaml
+from pydantic import BaseModel
 
 from mmfusion.errors import ConfigError
 
@@ -46,7 +51,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None,
+                    root: type[BaseModel] | None = None) -> dict[str, Any]:
     """Set each dotted key (creating sections on the way); a mapping value replaces the whole section."""
     out = copy.deepcopy(raw)
     for item in overrides or []:
@@ -60,12 +66,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
                 raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
             node = nxt
         if parts[-1] == "name" and isinstance(value, str):
-            _keep_keys_of_new_type(node, parts[:-1], value)
+            _keep_keys_of_new_type(node, parts[:-1], value, root)
         node[parts[-1]] = value
     return out
 
 
-def read_yaml(path: str | Path, _depth: int = 0) -> dict[str, Any]:
+def read_yaml(path: str | Path, root: type[BaseModel] | None = None, _depth: int = 0) -> dict[str, Any]:
     """One YAML mapping; `base: other.yaml` (relative to this file) is read first, this one merged over it."""
     p = Path(path)
     if not p.is_file():
@@ -84,17 +90,18 @@ def read_yaml(path: str | Path, _depth: int = 0) -> dict[str, Any]:
             raise ConfigError(f"config file {p}: base must be a file name, got {base!r}")
         if _depth > MAX_BASE_DEPTH:
             raise ConfigError(f"config file {p}: too many nested `base:` files")
-        raw = deep_merge(read_yaml(p.parent / base, _depth + 1), raw)
+        raw = deep_merge(read_yaml(p.parent / base, root, _depth + 1), raw, root=root)
     return raw
 
 
-def deep_merge(a: dict[str, Any], b: dict[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+def deep_merge(a: dict[str, Any], b: dict[str, Any], path: tuple[str, ...] = (),
+               root: type[BaseModel] | None = None) -> dict[str, Any]:
     """`b` over `a`, section by section; a section of `b` that switches type (another `name`) replaces a's."""
     out = copy.deepcopy(a)
     for k, v in b.items():
         cur = out.get(k)
-        if isinstance(v, dict) and isinstance(cur, dict) and not _switches_type(path + (k,), cur, v):
-            out[k] = deep_merge(cur, v, path + (k,))
+        if isinstance(v, dict) and isinstance(cur, dict) and not _switches_type(path + (k,), cur, v, root):
+            out[k] = deep_merge(cur, v, path + (k,), root)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -103,18 +110,28 @@ def deep_merge(a: dict[str, Any], b: dict[str, Any], path: tuple[str, ...] = ())
 # ------------------------------------------------------------------------------ name-typed sections
 
 
-def section_types(path: tuple[str, ...] | list[str]) -> tuple[dict[str, Any], str | None]:
+def expand_annotation(t: Any) -> list[Any]:
+    """The types an annotation admits: Annotated unwrapped, unions (and Optional) flattened."""
+    origin = typing.get_origin(t)
+    if origin is Annotated:
+        return expand_annotation(typing.get_args(t)[0])
+    if origin is Union or origin is types.UnionType:
+        return [x for a in typing.get_args(t) for x in expand_annotation(a)]
+    return [t]
+
+
+def section_types(path: tuple[str, ...] | list[str], root: type[BaseModel] | None,
+                  ) -> tuple[dict[str, Any], str | None]:
     """The config classes a section may be, by `name` ({"lstm": RnnTextEncoderConfig, ...}), and the name of
     its default; ({}, None) unless the section's type is chosen by its name (a discriminated union)."""
-    from pydantic import BaseModel
-
-    from mmfusion.config import ExperimentConfig, _expand
+    if root is None:
+        return {}, None
 
     def models(t: Any) -> list[type[BaseModel]]:
-        return [x for x in _expand(t) if isinstance(x, type) and issubclass(x, BaseModel)]
+        return [x for x in expand_annotation(t) if isinstance(x, type) and issubclass(x, BaseModel)]
 
     fields: list[Any] = []
-    candidates: list[Any] = [ExperimentConfig]
+    candidates: list[Any] = [root]
     for part in path:
         fields = [m.model_fields[part] for c in candidates for m in models(c) if part in m.model_fields]
         candidates = [f.annotation for f in fields]
@@ -129,16 +146,18 @@ def section_types(path: tuple[str, ...] | list[str]) -> tuple[dict[str, Any], st
     return variants, default
 
 
-def _switches_type(path: tuple[str, ...], cur: dict[str, Any], new: dict[str, Any]) -> bool:
+def _switches_type(path: tuple[str, ...], cur: dict[str, Any], new: dict[str, Any],
+                   root: type[BaseModel] | None) -> bool:
     if "name" not in new:
         return False
-    variants, default = section_types(path)
+    variants, default = section_types(path, root)
     return bool(variants) and new["name"] != cur.get("name", default)
 
 
-def _keep_keys_of_new_type(section: dict[str, Any], path: list[str], name: str) -> None:
+def _keep_keys_of_new_type(section: dict[str, Any], path: list[str], name: str,
+                           root: type[BaseModel] | None) -> None:
     """`<path>.name=<name>` changes a name-typed section's type: drop the keys the new type does not have."""
-    variants, default = section_types(path)
+    variants, default = section_types(path, root)
     if name not in variants or name == section.get("name", default):
         return  # not a name-typed section, the same type, or an unknown name (validation lists known ones)
     allowed = variants[name].model_fields
