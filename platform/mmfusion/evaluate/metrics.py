@@ -27,7 +27,8 @@ def per_class(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     predicted = cm.sum(axis=0)
     precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
     recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k),
+                   where=(precision + recall) > 0)
     return precision, recall, f1, support
 
 
@@ -56,8 +57,8 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[s
         "balanced_accuracy": balanced_accuracy(cm),
         "macro_f1": macro_f1(cm),
         "per_class": [
-            {"label": labels[i], "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-             "support": int(support[i])}
+            {"label": labels[i], "precision": float(precision[i]), "recall": float(recall[i]),
+             "f1": float(f1[i]), "support": int(support[i])}
             for i in range(k)
         ],
         "confusion_matrix": cm.tolist(),

@@ -1,8 +1,9 @@
-"""`mmfusion evaluate`: an artifact on a dataset split -> accuracy, macro-F1, per-class table, confusion matrix.
+"""`mmfusion evaluate`: an artifact on a dataset split -> accuracy, macro-F1, per-class table,
+confusion matrix.
 
-Small inputs are read and predicted in-process (no Ray); large ones, or any run given a Ray address, go through
-the Ray Data pipeline (build_datasets) and are predicted batch by batch. Results are written next to the
-artifact: metrics.json["evaluation"][split] and confusion_matrix_<split>.png.
+Small inputs are read and predicted in-process (no Ray); large ones, or any run given a Ray address, go
+through the Ray Data pipeline (build_datasets) and are predicted batch by batch. Results are written next to
+the artifact: metrics.json["evaluation"][split] and confusion_matrix_<split>.png.
 """
 
 from __future__ import annotations
@@ -55,13 +56,15 @@ def hide_modalities(batch: dict[str, torch.Tensor], modalities: tuple[str, ...],
 
 
 @torch.no_grad()
-def _predict_batches(art: Artifact, batches, keep: list[str] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _predict_batches(art: Artifact, batches, keep: list[str] | None,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> probs (N, K), labels (N,), and which of the incoming rows were predicted (rows with every
     modality hidden are skipped)."""
     probs, labels, kept = [], [], []
     for batch in batches:
         batch = hide_modalities(batch, art.spec.modalities, keep)
-        keep_rows = batch["present"].any(dim=1)  # a row with every modality hidden has nothing to predict from
+        # a row with every modality hidden has nothing to predict from
+        keep_rows = batch["present"].any(dim=1)
         kept.append(keep_rows.numpy())
         logits = art.model({k: v[keep_rows] for k, v in batch.items()}).float()
         probs.append(torch.softmax(logits, dim=-1).numpy())
@@ -115,7 +118,8 @@ def predict_split_ray(art: Artifact, data: str, split: str, modalities: list[str
     data_cfg = art.cfg.data.model_copy(update={"path": data, "max_bad_fraction": 1.0})
     bundle = build_datasets(data_cfg, splits=(split,), seed=art.cfg.seed, labels=art.labels)
     ds = getattr(bundle, split)
-    probs, labels, _ = _predict_batches(art, iter_torch_batches(ds, BATCH, art.spec, device="cpu"), modalities)
+    probs, labels, _ = _predict_batches(art, iter_torch_batches(ds, BATCH, art.spec, device="cpu"),
+                                        modalities)
     rejected = [{"reason": f"{bundle.num_rejected} rows rejected, see {bundle.rejects_path}"}] \
         if bundle.num_rejected else []
     return Predictions(probs, labels, [], rejected)
@@ -159,7 +163,8 @@ def write_report(art: Artifact, preds: Predictions, split: str, source: str,
     report["skipped_rows"] = preds.skipped
     report["modalities"] = modalities or list(art.spec.modalities)
     suffix = split + ("_" + "+".join(modalities) if modalities else "")
-    plot = plot_confusion_matrix(report["confusion_matrix"], art.labels, art.path / f"confusion_matrix_{suffix}.png",
+    plot = plot_confusion_matrix(report["confusion_matrix"], art.labels,
+                                 art.path / f"confusion_matrix_{suffix}.png",
                                  title=f"{split} ({', '.join(report['modalities'])})")
     metrics = update_metrics(art.path, evaluation={**_evaluations(art.path), suffix: report})
     art.metrics.update(metrics)
