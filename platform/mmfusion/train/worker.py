@@ -40,7 +40,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _quiet_ray_train_logs() -> None:
-    """Ray Train logs every report and checkpoint at INFO with the full metrics dict; our epoch line says it."""
+    """Ray Train logs every report and checkpoint at INFO with the full metrics dict; our epoch line
+    says it."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     try:  # this module's logger is named after its file path, not its module
         from ray.train.v2._internal.execution import context as _ctx
@@ -105,7 +106,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, oc.scheduler, steps_per_epoch * tc.epochs,
                                 warmup_steps=int(oc.warmup_epochs * steps_per_epoch))
     state = LoopState()
-    ckpt = ray.train.get_checkpoint()  # [ray] set after a worker failure or when a run with this name is re-run
+    # [ray] set after a worker failure or when a run with this name is re-run
+    ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             model_state, optim_state, state = load_checkpoint(Path(d))
@@ -143,7 +145,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             state.bad_epochs += 1
         state.epoch = epoch
         state.history.append(metrics)
-        state.stopped_early = bool(tc.early_stopping_patience and state.bad_epochs >= tc.early_stopping_patience)
+        state.stopped_early = bool(tc.early_stopping_patience
+                                   and state.bad_epochs >= tc.early_stopping_patience)
         if share is not None:  # the verdict so far; the last checkpoint's is the run's (metrics.json)
             state.majority_share = share
             state.learned = beats_majority([h["train_accuracy"] for h in state.history], share)
@@ -154,7 +157,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             checkpoint = None
             if rank == 0:
                 save_checkpoint(Path(d), unwrap(model).state_dict(),
-                                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, state)
+                                {"optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict()}, state)
                 checkpoint = ray.train.Checkpoint.from_directory(d)  # [ray]
             ray.train.report(metrics, checkpoint=checkpoint)  # [ray] every rank reports
     if state.learned is False and rank == 0:
