@@ -55,7 +55,8 @@ class Fusion(nn.Module):
         self.placeholders: nn.ParameterDict | None = None
 
     def add_placeholders(self) -> None:
-        """Learned stand-ins for missing modalities (none when there is only one modality: it is never missing)."""
+        """Learned stand-ins for missing modalities (none when there is only one modality: it is never
+        missing)."""
         if len(self.modalities) > 1:
             self.placeholders = nn.ParameterDict(
                 {m: nn.Parameter(torch.randn(d) * 0.02) for m, d in self.in_dims.items()})
@@ -107,7 +108,8 @@ class AttentionFusion(Fusion):
         self.proj = nn.ModuleDict({m: nn.Linear(d, out_dim) for m, d in in_dims.items()})
         self.type_embed = nn.Parameter(torch.randn(len(in_dims), out_dim) * 0.02)  # (M, out_dim)
         self.cls = nn.Parameter(torch.randn(out_dim) * 0.02)
-        self.blocks = nn.ModuleList(TransformerBlock(out_dim, heads, ffn_mult, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(TransformerBlock(out_dim, heads, ffn_mult, dropout)
+                                    for _ in range(layers))
         self.norm = nn.LayerNorm(out_dim)
 
     def forward(self, feats: dict[str, Tensor], present: Tensor) -> Tensor:
@@ -178,7 +180,8 @@ class LowRankFusion(Fusion):
     `h = sum_r w_r prod_m ([x_m; 1] W_m^(r)) + b` costs `rank * sum_m (D_m + 1) * out_dim`: `(B, out_dim)`.
     """
 
-    def __init__(self, in_dims: dict[str, int], out_dim: int = 128, rank: int = 4, dropout: float = 0.1) -> None:
+    def __init__(self, in_dims: dict[str, int], out_dim: int = 128, rank: int = 4,
+                 dropout: float = 0.1) -> None:
         super().__init__(in_dims, out_dim)
         self.add_placeholders()
         self.factors = nn.ParameterDict()
@@ -206,7 +209,8 @@ class LateFusion(Fusion):
 
     emits_logits = True
 
-    def __init__(self, in_dims: dict[str, int], num_classes: int, hidden: int = 256, dropout: float = 0.1) -> None:
+    def __init__(self, in_dims: dict[str, int], num_classes: int, hidden: int = 256,
+                 dropout: float = 0.1) -> None:
         super().__init__(in_dims, num_classes)
         self.heads = nn.ModuleDict({m: MlpHead(d, hidden, num_classes, dropout) for m, d in in_dims.items()})
 

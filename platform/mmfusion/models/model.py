@@ -51,7 +51,8 @@ class FusionModel(nn.Module):
         super().__init__()
         self.modalities: tuple[str, ...] = tuple(encoders)
         if fusion.modalities != self.modalities:
-            raise ValueError(f"fusion modalities {fusion.modalities} differ from the encoders' {self.modalities}")
+            raise ValueError(f"fusion modalities {fusion.modalities} differ from the encoders' "
+                             f"{self.modalities}")
         unknown = set(self.modalities) - set(INPUT_KEYS)
         if unknown:
             raise ValueError(f"unknown modalities {sorted(unknown)}; known: {', '.join(INPUT_KEYS)}")
@@ -63,7 +64,8 @@ class FusionModel(nn.Module):
         if bad:
             raise ValueError(f"modality dropout must be in [0, 1), got {bad}")
         # (M,) per-column probabilities; a buffer so it follows .to(device), not saved in the state dict
-        self.register_buffer("drop_p", torch.tensor([drop.get(m, 0.0) for m in self.modalities]), persistent=False)
+        self.register_buffer("drop_p", torch.tensor([drop.get(m, 0.0) for m in self.modalities]),
+                             persistent=False)
 
     # ------------------------------------------------------------------------------------------ parts
 
@@ -210,7 +212,8 @@ FUSIONS: dict[str, FusionBuilder] = {
 }
 
 
-def build_model(cfg: ModelConfig, spec: InputSpec, num_classes: int, load_weights: bool = True) -> FusionModel:
+def build_model(cfg: ModelConfig, spec: InputSpec, num_classes: int,
+                load_weights: bool = True) -> FusionModel:
     """Build encoders for `spec.modalities` (in that order), the configured fusion and the head.
 
     Args:
@@ -237,7 +240,8 @@ def build_model(cfg: ModelConfig, spec: InputSpec, num_classes: int, load_weight
         encoders[m] = builder(sub, spec, load_weights)
     fusion_builder = FUSIONS.get(cfg.fusion.name)
     if fusion_builder is None:
-        raise ConfigError(f"unknown fusion {cfg.fusion.name!r} (model.fusion.name); known: {', '.join(FUSIONS)}")
+        raise ConfigError(f"unknown fusion {cfg.fusion.name!r} (model.fusion.name); "
+                          f"known: {', '.join(FUSIONS)}")
     fusion = fusion_builder(cfg.fusion, {m: int(e.out_dim) for m, e in encoders.items()}, num_classes)
     head: nn.Module = (nn.Identity() if fusion.emits_logits
                        else MlpHead(fusion.out_dim, cfg.fusion.hidden, num_classes, cfg.fusion.dropout))

@@ -73,10 +73,12 @@ def count_parts(model: FusionModel, spec: InputSpec) -> dict[str, PartStats]:
     for name in part_names(model):
         module = model.get_submodule(name)
         params = list(module.parameters())
-        out[name] = PartStats(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
+        out[name] = PartStats(sum(p.numel() for p in params),
+                              sum(p.numel() for p in params if p.requires_grad),
                               flops(f"{root}.{name}"))
     params = list(model.parameters())
-    out["total"] = PartStats(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
+    out["total"] = PartStats(sum(p.numel() for p in params),
+                             sum(p.numel() for p in params if p.requires_grad),
                              flops("Global"))
     return out
 
