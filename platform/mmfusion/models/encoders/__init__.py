@@ -2,7 +2,7 @@
 
     image.py  CnnImageEncoder, ResnetImageEncoder, HfImageEncoder   (B, C, H, W) float32 -> (B, D)
     text.py   RnnTextEncoder, TransformerTextEncoder, HfTextEncoder (B, L) int64 ids + (B, L) mask -> (B, D)
-    audio.py  CnnAudioEncoder, HfAudioEncoder                       (B, 1, F, T) float32 log-mel/MFCC -> (B, D)
+    audio.py  CnnAudioEncoder, HfAudioEncoder                       (B, 1, F, T) float32 log-mel -> (B, D)
 
 This module holds what they share: the small conv stack, Hugging Face loading, and frozen backbones.
 Every encoder returns finite embeddings for an all-zeros input (a batch that lacks the modality).
@@ -92,6 +92,18 @@ class FrozenBackboneMixin(nn.Module):
             with torch.no_grad():
                 return fn()
         return fn()
+
+    def setup_head(self, name: str, dim: int | None, freeze: bool, probe: Callable[[], Tensor]) -> None:
+        """The tail every pretrained encoder shares: an optional projection to `dim` (`out_dim` is `dim` or
+        the backbone's hidden size), then freeze the backbone, or else stop gradients to the parameters
+        that `probe()` (a forward on dummy inputs) never uses, so that DDP finds no unused parameters."""
+        hidden = hf_hidden_size(self.backbone, name)
+        self.proj: nn.Module = nn.Linear(hidden, dim) if dim else nn.Identity()
+        self.out_dim = dim or hidden
+        if freeze:
+            self.freeze_backbone()
+        else:
+            freeze_unused_parameters(self.backbone, probe)
 
 
 def freeze_unused_parameters(backbone: nn.Module, probe: Callable[[], Tensor]) -> list[str]:

@@ -21,8 +21,6 @@ from mmfusion.errors import ConfigError
 from mmfusion.models.encoders import (
     ConvStack,
     FrozenBackboneMixin,
-    freeze_unused_parameters,
-    hf_hidden_size,
     hf_pooled,
     load_hf_model,
 )
@@ -71,13 +69,7 @@ class HfAudioEncoder(FrozenBackboneMixin):
             raise ConfigError(f"audio features have {f} bins but {name_or_path!r} takes num_mel_bins="
                               f"{cfg.num_mel_bins}; set data.audio.n_mels (or n_mfcc) to {cfg.num_mel_bins}")
         self.frames = int(cfg.max_length)  # AST's position embeddings fix the number of time frames
-        hidden = hf_hidden_size(self.backbone, name_or_path)
-        self.proj: nn.Module = nn.Linear(hidden, dim) if dim else nn.Identity()
-        self.out_dim = dim or hidden
-        if freeze:
-            self.freeze_backbone()
-        else:
-            freeze_unused_parameters(self.backbone, lambda: self._backbone(torch.zeros(2, *in_shape)))
+        self.setup_head(name_or_path, dim, freeze, lambda: self._backbone(torch.zeros(2, *in_shape)))
 
     def _backbone(self, audio: Tensor) -> Tensor:  # (B, 1, F, T) -> (B, hidden)
         x = audio.squeeze(1).transpose(1, 2)  # (B, T, F): AST's input_values layout

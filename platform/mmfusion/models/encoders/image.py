@@ -23,8 +23,6 @@ from mmfusion.errors import ConfigError
 from mmfusion.models.encoders import (
     ConvStack,
     FrozenBackboneMixin,
-    freeze_unused_parameters,
-    hf_hidden_size,
     hf_pooled,
     hf_tower,
     load_hf_model,
@@ -121,13 +119,7 @@ class HfImageEncoder(FrozenBackboneMixin):
         if c != self.num_channels and c != 1:
             raise ConfigError(f"image has {c} channels but {name_or_path!r} takes {self.num_channels} "
                               "(set data.image.channels to 1 or to the model's channel count)")
-        hidden = hf_hidden_size(self.backbone, name_or_path)
-        self.proj: nn.Module = nn.Linear(hidden, dim) if dim else nn.Identity()
-        self.out_dim = dim or hidden
-        if freeze:
-            self.freeze_backbone()
-        else:
-            freeze_unused_parameters(self.backbone, lambda: self._backbone(torch.zeros(2, *in_shape)))
+        self.setup_head(name_or_path, dim, freeze, lambda: self._backbone(torch.zeros(2, *in_shape)))
 
     def _backbone(self, image: Tensor) -> Tensor:  # (B, C, H, W) -> (B, hidden)
         if image.shape[1] != self.num_channels:

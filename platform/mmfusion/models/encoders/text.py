@@ -2,7 +2,7 @@
 
     RnnTextEncoder          embedding + (Bi)LSTM/GRU; the final hidden states, projected
     TransformerTextEncoder  a small pre-norm Transformer trained from scratch; masked mean over tokens
-    HfTextEncoder           any Hugging Face encoder by hub name or local folder; masked mean; optionally frozen
+    HfTextEncoder           any Hugging Face encoder (hub name or local folder); masked mean; may be frozen
 
 Token ids come from the data config's tokenizer (mmfusion.data.text): the builtin byte vocabulary for
 the small encoders, the model's own tokenizer for an hf encoder. A row with no tokens at all (missing text)
@@ -18,8 +18,6 @@ from torch import Tensor, nn
 from mmfusion.errors import ConfigError
 from mmfusion.models.encoders import (
     FrozenBackboneMixin,
-    freeze_unused_parameters,
-    hf_hidden_size,
     hf_tower,
     load_hf_model,
 )
@@ -88,7 +86,8 @@ class RnnTextEncoder(nn.Module):
         self.rnn = rnns[cell](embed_dim, hidden, num_layers=layers, batch_first=True,
                               bidirectional=bidirectional, dropout=dropout if layers > 1 else 0.0)
         self.dirs = 2 if bidirectional else 1
-        self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.dirs * hidden, dim), nn.ReLU(inplace=True))
+        self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.dirs * hidden, dim),
+                                  nn.ReLU(inplace=True))
         self.out_dim = dim
 
     def forward(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:  # (B, L), (B, L) -> (B, dim)
@@ -103,7 +102,8 @@ class RnnTextEncoder(nn.Module):
 
 
 class TransformerTextEncoder(nn.Module):
-    """Token + learned position embeddings -> `layers` pre-norm blocks -> LayerNorm -> masked mean: (B, dim)."""
+    """Token + learned position embeddings -> `layers` pre-norm blocks -> LayerNorm -> masked mean:
+    (B, dim)."""
 
     def __init__(self, vocab_size: int, pad_id: int = 0, max_len: int = 32, dim: int = 128, layers: int = 2,
                  heads: int = 4, ffn_mult: int = 4, dropout: float = 0.1) -> None:
@@ -141,17 +141,12 @@ class HfTextEncoder(FrozenBackboneMixin):
         self.backbone = hf_tower(load_hf_model(name_or_path, pretrained=load_weights), "text")
         model_vocab = getattr(self.backbone.config, "vocab_size", None)
         if model_vocab is not None and vocab_size > model_vocab:
-            raise ConfigError(f"the tokenizer's vocabulary ({vocab_size} ids) is larger than {name_or_path!r}'s "
-                              f"({model_vocab}); set data.text.tokenizer to the model's own tokenizer")
+            raise ConfigError(f"the tokenizer's vocabulary ({vocab_size} ids) is larger than "
+                              f"{name_or_path!r}'s ({model_vocab}); set data.text.tokenizer to the model's "
+                              "own tokenizer")
         self.pad_id = pad_id
-        hidden = hf_hidden_size(self.backbone, name_or_path)
-        self.proj: nn.Module = nn.Linear(hidden, dim) if dim else nn.Identity()
-        self.out_dim = dim or hidden
-        if freeze:
-            self.freeze_backbone()
-        else:
-            probe = torch.full((2, max_len), pad_id, dtype=torch.long)
-            freeze_unused_parameters(self.backbone, lambda: self._backbone(probe, None))
+        probe = torch.full((2, max_len), pad_id, dtype=torch.long)
+        self.setup_head(name_or_path, dim, freeze, lambda: self._backbone(probe, None))
 
     def _backbone(self, ids: Tensor, mask: Tensor | None) -> Tensor:  # -> (B, hidden)
         m = token_mask(ids, mask, self.pad_id)
