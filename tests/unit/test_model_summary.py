@@ -34,8 +34,9 @@ def test_summary_matches_hand_count_cnn_lstm_concat(tmp_path: Path) -> None:
                                      "dim": 5}},
                "fusion": {"name": "concat", "dim": 6, "hidden": 7}},
     )
-    # image 1x8x8: conv 1->2 (3x3, pad 1) on 8x8, pool -> 4x4, conv 2->3 on 4x4, pool -> 2x2, Linear 12 -> 4
-    image_params = (2 * 9 + 2) + (3 * 2 * 9 + 3) + (12 * 4 + 4)  # 129
+    # image 1x8x8: conv 1->2 (3x3, pad 1, no bias) + BatchNorm (weight, bias) on 8x8, pool -> 4x4,
+    # conv 2->3 + BatchNorm on 4x4, pool -> 2x2, Linear 12 -> 4
+    image_params = (2 * 9 + 2 * 2) + (3 * 2 * 9 + 2 * 3) + (12 * 4 + 4)  # 134
     image_flops = 2 * (8 * 8 * 2 * 1 * 9) + 2 * (4 * 4 * 3 * 2 * 9) + 2 * 12 * 4  # 4128
     # text: embedding 259 x 3; LSTM(3 -> 4) = 4 gates x 4 x (3 + 4) weights + two biases; Linear 4 -> 5
     text_params = 259 * 3 + (16 * 3 + 16 * 4 + 16 + 16) + (4 * 5 + 5)  # 946
@@ -51,7 +52,7 @@ def test_summary_matches_hand_count_cnn_lstm_concat(tmp_path: Path) -> None:
     }
     total_p = sum(v[0] for v in expected.values())
     expected["total"] = (total_p, total_p, sum(v[2] for v in expected.values()))
-    assert expected["total"] == (1217, 1217, 5746)
+    assert expected["total"] == (1222, 1222, 5746)
 
     text = summarize(cfg, num_classes=3)
     assert parse_table(text) == expected
