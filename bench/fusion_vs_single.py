@@ -59,7 +59,8 @@ def run_row(config: str, data: str, storage: str, overrides: list[str]) -> dict[
     history = run.metrics.get("history") or [{}]
     return {"status": "ok" if run.metrics.get("learned", True) else "never beat the majority class",
             "modalities": list(cfg.data.modalities), "test_accuracy": ev.report["accuracy"],
-            "test_macro_f1": ev.report["macro_f1"], "test_balanced_accuracy": ev.report.get("balanced_accuracy"),
+            "test_macro_f1": ev.report["macro_f1"],
+            "test_balanced_accuracy": ev.report.get("balanced_accuracy"),
             f"best_{cfg.train.metric}": run.metrics.get(f"best_{cfg.train.metric}"),
             "first_train_loss": history[0].get("train_loss"), "epochs": run.metrics["epochs_run"],
             "train_seconds": round(seconds, 1), "artifact": str(run.artifact)}
@@ -123,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"row": name, "overrides": overrides,
                         **run_row(config, args.data, args.storage, [*overrides, *args.overrides])})
         summary = _summary(results)
-        out.write_text(json.dumps({"config": config, "data": args.data, "rows": results, **summary}, indent=1))
+        out.write_text(json.dumps({"config": config, "data": args.data, "rows": results, **summary},
+                                  indent=1))
     summary = _summary(results)
-    sys.stdout.write(table(results) + f"\n\nfused - best single = {summary['fused_minus_best_single']:+.3f}\n")
+    gain = summary["fused_minus_best_single"]
+    sys.stdout.write(table(results) + f"\n\nfused - best single = {gain:+.3f}\n")
     plot(results, out.with_suffix(".png"), f"{Path(args.data).name}: test split")
     return 0
 
