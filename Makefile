@@ -43,7 +43,7 @@ sysdeps:
 	  fi; \
 	fi
 
-test: venv sysdeps
+test: venv sysdeps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: venv
