@@ -1,5 +1,6 @@
-"""KTuberling's rough edges through the Ray Data pipeline: RGBA sprites of many sizes, OGG Vorbis/Opus and WAV
-clips at 8-48 kHz in mono and stereo, Cyrillic and Latin texts, missing fields, string labels -> torch batches."""
+"""KTuberling's rough edges through the Ray Data pipeline: RGBA sprites of many sizes, OGG Vorbis/Opus
+and WAV clips at 8-48 kHz in mono and stereo, Cyrillic and Latin texts, missing fields, string labels ->
+torch batches."""
 
 from __future__ import annotations
 

@@ -78,21 +78,23 @@ def _worker_pids() -> list[int]:
     from ray.util.state import list_actors
 
     # name the cluster explicitly: other local clusters (another test's, a user's) may be running
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return [a.pid for a in actors if a.pid]
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(ray_local, avt_tiny, tmp_path):
     from mmfusion.train.trainer import run_training
 
-    cfg = tiny_config(avt_tiny, tmp_path / "runs", "train.num_workers=2", "train.epochs=6", "train.max_failures=1",
-                      "train.run_name=killme")
+    cfg = tiny_config(avt_tiny, tmp_path / "runs", "train.num_workers=2", "train.epochs=6",
+                      "train.max_failures=1", "train.run_name=killme")
     result: dict = {}
     t = threading.Thread(target=lambda: result.update(run=run_training(cfg)), daemon=True)
     t.start()
     run_dir = tmp_path / "runs" / "killme"
     deadline = time.time() + 300
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # written once the controller registered a checkpoint
+    # written once the controller registered a checkpoint
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     while time.time() < deadline and not snapshot.exists():
         time.sleep(0.2)
     assert snapshot.exists(), "no checkpoint was registered"

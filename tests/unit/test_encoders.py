@@ -51,14 +51,17 @@ def save_tiny_hf_models(root: Path) -> dict[str, str]:
         "vit": ViTModel(ViTConfig(**small, intermediate_size=32, image_size=16, patch_size=8)),
         "dinov2": Dinov2Model(Dinov2Config(**small, mlp_ratio=2, image_size=16, patch_size=8)),
         "clip": CLIPModel(CLIPConfig(
-            text_config=dict(**small, vocab_size=300, intermediate_size=32, max_position_embeddings=16),
-            vision_config=dict(**small, intermediate_size=32, image_size=16, patch_size=8), projection_dim=8)),
-        "bert": BertModel(BertConfig(**small, vocab_size=300, intermediate_size=32, max_position_embeddings=16)),
+            text_config=dict(**small, vocab_size=300, intermediate_size=32,
+                             max_position_embeddings=16),
+            vision_config=dict(**small, intermediate_size=32, image_size=16, patch_size=8),
+            projection_dim=8)),
+        "bert": BertModel(BertConfig(**small, vocab_size=300, intermediate_size=32,
+                                     max_position_embeddings=16)),
         "bert_small_vocab": BertModel(BertConfig(**small, vocab_size=100, intermediate_size=32,
                                                  max_position_embeddings=16)),
         # 16 mel bins x 24 frames: patches of 16 with stride 8 -> 1 x 2 patches
-        "ast": ASTModel(ASTConfig(**small, intermediate_size=32, num_mel_bins=16, max_length=24, patch_size=16,
-                                  frequency_stride=8, time_stride=8)),
+        "ast": ASTModel(ASTConfig(**small, intermediate_size=32, num_mel_bins=16, max_length=24,
+                                  patch_size=16, frequency_stride=8, time_stride=8)),
     }
     out = {}
     for name, model in models.items():
@@ -101,7 +104,8 @@ def encoder_cases(hf: dict[str, str]) -> list[tuple[str, object]]:
         ("image", HfEncoderConfig(pretrained=hf["dinov2"], freeze=False)),
         ("image", HfEncoderConfig(pretrained=hf["clip"], freeze=False)),
         ("text", RnnTextEncoderConfig(cell="lstm", embed_dim=8, hidden=8, dim=12)),
-        ("text", RnnTextEncoderConfig(cell="gru", embed_dim=8, hidden=8, layers=2, bidirectional=False, dim=12)),
+        ("text", RnnTextEncoderConfig(cell="gru", embed_dim=8, hidden=8, layers=2, bidirectional=False,
+                                      dim=12)),
         ("text", TransformerTextEncoderConfig(dim=16, layers=2, heads=2)),
         ("text", HfEncoderConfig(pretrained=hf["bert"], freeze=False, dim=12)),
         ("text", HfEncoderConfig(pretrained=hf["clip"], freeze=False)),

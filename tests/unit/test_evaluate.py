@@ -1,4 +1,5 @@
-"""Offline evaluation (no Ray): predictions line up with ids, hidden modalities, reports next to the artifact."""
+"""Offline evaluation (no Ray): predictions line up with ids, hidden modalities, reports next to the
+artifact."""
 
 import json
 
@@ -60,4 +61,5 @@ def test_remote_artifact_locations_are_staged_then_published(tmp_path, monkeypat
     monkeypatch.setattr(storage, "filesystem", lambda loc: (pafs.LocalFileSystem(),
                                                             str(bucket / loc.split("://", 1)[1])))
     assert publish(artifact, "s3://b/run/artifact") == "s3://b/run/artifact"
-    assert (bucket / "b/run/artifact/model.safetensors").read_bytes() == (artifact / "model.safetensors").read_bytes()
+    assert ((bucket / "b/run/artifact/model.safetensors").read_bytes()
+            == (artifact / "model.safetensors").read_bytes())

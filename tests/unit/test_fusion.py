@@ -38,7 +38,8 @@ def spec_for(mods: tuple[str, ...]) -> InputSpec:
 
 
 def presence_patterns(m: int, repeat: int = 1) -> torch.Tensor:
-    """(repeat * (2^m - 1), m) bool: every non-empty presence pattern, so each modality is missing somewhere."""
+    """(repeat * (2^m - 1), m) bool: every non-empty presence pattern, so each modality is missing
+    somewhere."""
     rows = [p for p in itertools.product([True, False], repeat=m) if any(p)]
     return torch.tensor(rows * repeat, dtype=torch.bool)
 
@@ -127,7 +128,8 @@ def test_gated_fusion_two_modalities_is_a_convex_mix() -> None:
     fusion = GatedFusion({"image": 3, "text": 3}, out_dim=4, dropout=0.0).eval()
     feats = {"image": torch.randn(2, 3), "text": torch.randn(2, 3)}
     out = fusion(feats, torch.ones(2, 2, dtype=torch.bool))
-    hi, ht = torch.tanh(fusion.hidden["image"](feats["image"])), torch.tanh(fusion.hidden["text"](feats["text"]))
+    hi, ht = (torch.tanh(fusion.hidden["image"](feats["image"])),
+              torch.tanh(fusion.hidden["text"](feats["text"])))
     z = (out - ht) / (hi - ht)  # per feature, the gate weight on the image
     assert ((z > 0) & (z < 1)).all()
     only_image = fusion(feats, torch.tensor([[True, False], [True, False]]))
@@ -219,7 +221,8 @@ def test_model_matrix(hf: dict[str, str], encoders: str, fusion: str, mods: tupl
 # ------------------------------------------------------------------------------------- FusionModel
 
 
-def small_model(dropout: dict[str, float] | None = None, fusion: str = "concat") -> tuple[FusionModel, InputSpec]:
+def small_model(dropout: dict[str, float] | None = None, fusion: str = "concat",
+                ) -> tuple[FusionModel, InputSpec]:
     spec = spec_for(ALL)
     cfg = ModelConfig.model_validate({
         "encoders": {"image": {"name": "cnn", "channels": [4], "dim": 8},
@@ -299,12 +302,14 @@ def test_forward_without_present_key_infers_it() -> None:
 def test_unknown_names_list_the_known_ones() -> None:
     spec = spec_for(ALL)
     cfg = ModelConfig()
-    cfg.fusion = cfg.fusion.model_copy(update={"name": "sum"})  # past the config's own check, as a plugin might
+    # past the config's own check, as a plugin might
+    cfg.fusion = cfg.fusion.model_copy(update={"name": "sum"})
     with pytest.raises(ConfigError, match="known: concat, attention, gated, tensor, low_rank, late"):
         build_model(cfg, spec, NUM_CLASSES)
     assert list(FUSIONS) == FUSION_NAMES
     with pytest.raises(ConfigError, match="divisible"):
-        build_model(ModelConfig.model_validate({"fusion": {"name": "attention", "dim": 10, "heads": 4}}), spec, 3)
+        build_model(ModelConfig.model_validate({"fusion": {"name": "attention", "dim": 10, "heads": 4}}),
+                    spec, 3)
     with pytest.raises(ConfigError, match="at least 2 classes"):
         build_model(ModelConfig(), spec, 1)
 

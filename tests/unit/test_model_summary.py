@@ -28,7 +28,8 @@ def tiny_config(tmp_path: Path, **sections) -> object:  # noqa: ANN003
 def test_summary_matches_hand_count_cnn_lstm_concat(tmp_path: Path) -> None:
     cfg = tiny_config(
         tmp_path,
-        data={"modalities": ["image", "text"], "image": {"size": 8, "channels": 1}, "text": {"max_length": 6}},
+        data={"modalities": ["image", "text"], "image": {"size": 8, "channels": 1},
+              "text": {"max_length": 6}},
         model={"encoders": {"image": {"name": "cnn", "channels": [2, 3], "dim": 4},
                             "text": {"name": "lstm", "embed_dim": 3, "hidden": 4, "bidirectional": False,
                                      "dim": 5}},
@@ -64,7 +65,8 @@ def test_summary_counts_attention_flops(tmp_path: Path) -> None:
     cfg = tiny_config(
         tmp_path,
         data={"modalities": ["text"], "text": {"max_length": 4}},
-        model={"encoders": {"text": {"name": "transformer", "dim": 8, "layers": 1, "heads": 2, "ffn_mult": 2}},
+        model={"encoders": {"text": {"name": "transformer", "dim": 8, "layers": 1, "heads": 2,
+                                     "ffn_mult": 2}},
                "fusion": {"name": "concat", "dim": 3, "hidden": 2}},
     )
     L, D, H = 4, 8, 2
@@ -85,7 +87,8 @@ def test_summary_frozen_backbone_is_not_trainable(tmp_path: Path) -> None:
         model={"encoders": {"image": {"name": "resnet", "arch": "resnet18", "freeze": True, "dim": 4}}},
     )
     stats = parse_table(summarize(cfg, num_classes=2))
-    resnet18_without_fc = 11_689_512 - (512 * 1000 + 1000)  # torchvision's documented 11.7M, less the classifier
+    # torchvision's documented 11.7M, less the classifier
+    resnet18_without_fc = 11_689_512 - (512 * 1000 + 1000)
     assert stats["encoders.image"][:2] == (resnet18_without_fc + 512 * 4 + 4, 512 * 4 + 4)
 
 

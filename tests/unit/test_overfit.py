@@ -32,7 +32,8 @@ TINY = [
 
 
 def tiny_config(repo_root: Path, data: Path, *overrides: str) -> ExperimentConfig:
-    return load_config(repo_root / "jobs" / "configs" / "avt_digits.yaml", [f"data.path={data}", *TINY, *overrides])
+    return load_config(repo_root / "jobs" / "configs" / "avt_digits.yaml",
+                       [f"data.path={data}", *TINY, *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +48,12 @@ def fixed_batch(avt_tiny: Path, repo_root: Path) -> tuple[dict[str, torch.Tensor
     missing = np.zeros(table.num_rows, dtype=bool)
     for m in cfg.data.modalities:
         missing |= table[m].is_null().to_numpy(zero_copy_only=False)
-    order = np.concatenate([np.flatnonzero(missing), np.flatnonzero(~missing)])[:ROWS]  # rows lacking a modality first
+    # rows lacking a modality first
+    order = np.concatenate([np.flatnonzero(missing), np.flatnonzero(~missing)])[:ROWS]
     out = Preprocessor(cfg.data, labels)(table.take(order).to_pydict())
     assert not any(out["error"]), [e for e in out["error"] if e]
-    batch = {k: torch.from_numpy(np.asarray(out[k])) for k in ("image", "text", "text_mask", "audio", "present", "label")}
+    batch = {k: torch.from_numpy(np.asarray(out[k]))
+             for k in ("image", "text", "text_mask", "audio", "present", "label")}
     assert batch["label"].unique().numel() == len(labels) == 10
     return batch, labels
 

@@ -75,8 +75,8 @@ def test_checkpoint_roundtrip_restores_optimizer_and_progress(tmp_path):
     sched = build_scheduler(opt, "cosine", 100)
     train_one_epoch(model, _batches(2), opt, sched, torch.device("cpu"))
     state = LoopState(epoch=3, best_metric=0.7, best_epoch=2, history=[{"epoch": 0}], starts=[0])
-    save_checkpoint(tmp_path, model.state_dict(), {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                    state)
+    save_checkpoint(tmp_path, model.state_dict(),
+                    {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, state)
     m, o, s = load_checkpoint(tmp_path)
     model2 = Toy()
     model2.load_state_dict(m)
@@ -87,7 +87,8 @@ def test_checkpoint_roundtrip_restores_optimizer_and_progress(tmp_path):
     assert s == state
     assert sched2.last_epoch == sched.last_epoch
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
-    assert LoopState(best_metric=0.5).improved(0.6, "max") and not LoopState(best_metric=0.5).improved(0.6, "min")
+    assert (LoopState(best_metric=0.5).improved(0.6, "max")
+            and not LoopState(best_metric=0.5).improved(0.6, "min"))
 
 
 # ------------------------------------------------------------------------- runs that cannot fail silently
