@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +39,7 @@ from mmfusion.datasets.ktuberling.sources import (
     english_name,
     load_sources,
 )
+from mmfusion.datasets.output import atomic_build, check_out, is_build
 from mmfusion.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -72,7 +70,7 @@ def build_ktuberling(out: Path, seed: int = 0, variant: str = "small") -> Path:
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise DataError(f"the KTuberling seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
-    _check_out(out)
+    check_out(out, NAME, "KTuberling")
     t0 = time.perf_counter()
     src = load_sources()
     rng = np.random.default_rng([seed, 7])
@@ -86,11 +84,8 @@ def build_ktuberling(out: Path, seed: int = 0, variant: str = "small") -> Path:
     if blank:
         log.info("%d sprites have no visible pixels and are left out: %s", len(blank), ", ".join(blank))
     plan = _plan(src, {s: [sp for sp in sps if sp in pngs] for s, sps in parts.items()}, rng, variant)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "_provenance").mkdir(parents=True)
+    with atomic_build(out) as tmp:
+        (tmp / "_provenance").mkdir()
         for split in SPLITS:
             _write_split(tmp, split, plan[split], pngs)
         from mmfusion.datasets.ktuberling.card import data_card
@@ -98,10 +93,6 @@ def build_ktuberling(out: Path, seed: int = 0, variant: str = "small") -> Path:
         settings = {**_settings(variant), "blank_sprites_left_out": blank}
         card = data_card(NAME, FORMAT_VERSION, variant, seed, src, plan, pngs, tmp, settings)
         (tmp / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n")
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("KTuberling %s (seed %d): %s rows in %.1f s -> %s", variant, seed,
              "/".join(str(len(plan[s])) for s in SPLITS), time.perf_counter() - t0, out)
     return target
@@ -116,43 +107,7 @@ def _settings(variant: str) -> dict[str, Any]:
 
 
 def is_ktuberling_build(path: Path) -> bool:
-    try:
-        card = json.loads((Path(path) / "data_card.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(card, dict) and card.get("name") == NAME
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not is_ktuberling_build(out):
-        raise DataError(f"--out {out} is not empty and is not a previous KTuberling build (no data_card.json "
-                        f"naming {NAME!r}); choose an empty or new folder")
-    for p in out.parent.glob(f".{out.name}.*-*"):  # temp folders of killed builds
-        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:building|old)-(\d+)", p.name)
-        if m and p.is_dir() and not _alive(int(m.group(1))):
-            log.info("removing %s, left by an interrupted build", p)
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Swap the finished build in: a reader sees the old build or the new one, never half of one."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    return is_build(path, NAME)
 
 
 # ------------------------------------------------------------------------------------------------- plan

@@ -3,7 +3,6 @@ and per split the class counts, languages, image sizes, audio formats and missin
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections import Counter
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import mmfusion
 from mmfusion.datasets.ktuberling.sources import FREEDICT_LANGUAGES, Sources, Sprite
+from mmfusion.datasets.output import sha256_file
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
@@ -108,6 +108,6 @@ def data_card(name: str, version: int, variant: str, seed: int, src: Sources,
             "files": src.files,
         },
         "splits": splits,
-        "files": {p.relative_to(root).as_posix(): {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+        "files": {p.relative_to(root).as_posix(): {"sha256": sha256_file(p),
                                                    "bytes": p.stat().st_size} for p in files},
     }

@@ -10,14 +10,13 @@ Everything is located with `dpkg -L` (never a hard-coded path): a missing packag
 from __future__ import annotations
 
 import gzip
-import hashlib
 import logging
 import re
-import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmfusion.datasets.output import deb_version, need_package, run, sha256_file
 from mmfusion.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -56,29 +55,8 @@ class Sources:
     files: dict[str, str]  # every source file used -> sha256
 
 
-def run(cmd: list[str], what: str) -> str:
-    try:
-        return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120).stdout
-    except FileNotFoundError as e:
-        raise DataError(f"{cmd[0]} not found: {what}") from e
-    except subprocess.CalledProcessError as e:
-        raise DataError(f"{' '.join(cmd)} failed: {what} ({e.stderr.strip()})") from e
-
-
-def _need(package: str) -> str:
-    return f"the Debian package {package} is needed: `make sysdeps` or `apt-get install {package}`"
-
-
 def package_files(package: str) -> list[Path]:
-    return [Path(p) for p in run(["dpkg", "-L", package], _need(package)).splitlines() if p.strip()]
-
-
-def deb_version(package: str) -> str:
-    return run(["dpkg-query", "-W", "-f=${Version}", package], _need(package)).strip()
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return [Path(p) for p in run(["dpkg", "-L", package], need_package(package)).splitlines() if p.strip()]
 
 
 def english_name(sound: str) -> str:
@@ -123,7 +101,7 @@ def _recordings(files: list[Path]) -> dict[str, dict[str, Path]]:
             name, path = str(snd.get("name") or ""), st.parent / str(snd.get("file"))
             if not name or not path.is_file():  # id.soundtheme names files the package does not ship
                 continue
-            key = (name, sha256(path))
+            key = (name, sha256_file(path))
             if key not in seen:
                 seen.add(key)
                 out.setdefault(name, {})[lang] = path
@@ -213,4 +191,5 @@ def load_sources() -> Sources:
     log.info("sources: %d sprites in %d themes, %d sound names, %d recordings", len(sprites),
              len({s.theme for s in sprites}), len(sounds), sum(len(recordings[s]) for s in sounds))
     return Sources(sprites=sprites, recordings={s: recordings[s] for s in sounds}, glosses=glosses, rsvg=rsvg,
-                   packages={p: deb_version(p) for p in packages}, files={str(p): sha256(p) for p in used})
+                   packages={p: deb_version(p) for p in packages},
+                   files={str(p): sha256_file(p) for p in used})
