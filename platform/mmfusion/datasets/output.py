@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import mmfusion
 from mmfusion.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -98,3 +99,16 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def card_header(name: str, version: int, variant: str, seed: int, builder: str) -> dict[str, object]:
+    """The first keys of every data card: which dataset, which build of it, made by which code."""
+    return {"name": name, "format_version": version, "variant": variant, "seed": seed,
+            "builder": f"{builder} (mmfusion {mmfusion.__version__})"}
+
+
+def output_files(root: Path) -> dict[str, dict[str, object]]:
+    """Every file a build wrote (but the card itself), with its checksum and size, for the data card."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "data_card.json")
+    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in files}

@@ -7,7 +7,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import mmfusion
 from mmfusion.batch import MODALITIES
 from mmfusion.datasets.avt_digits.recipe import (
     AUDIO_BURIED,
@@ -24,7 +23,7 @@ from mmfusion.datasets.avt_digits.recipe import (
     Variant,
 )
 from mmfusion.datasets.avt_digits.shards import voice_name
-from mmfusion.datasets.output import sha256_file
+from mmfusion.datasets.output import card_header, output_files
 
 
 def data_card(variant: str, seed: int, spec: Variant, sources: dict[str, Any], voices: dict[str, list[Any]],
@@ -52,13 +51,8 @@ def data_card(variant: str, seed: int, spec: Variant, sources: dict[str, Any], v
             "audio_source": "asterisk recordings (real)" if s == "test" else "espeak-ng (synthetic)",
             "audio_voices": dict(sorted(total["voices"].items())),
         }
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "data_card.json")
     return {
-        "name": NAME,
-        "format_version": FORMAT_VERSION,
-        "variant": variant,
-        "seed": seed,
-        "builder": f"mmfusion.datasets.avt_digits (mmfusion {mmfusion.__version__})",
+        **card_header(NAME, FORMAT_VERSION, variant, seed, "mmfusion.datasets.avt_digits"),
         "description": "Ten digit classes; each record pairs a real MNIST image, a spoken digit and a digit "
                        "word of the same class. Text languages are disjoint between train and test; test "
                        "audio is real recordings, train/val audio is synthetic.",
@@ -87,6 +81,5 @@ def data_card(variant: str, seed: int, spec: Variant, sources: dict[str, Any], v
             "asterisk_voices": sorted(asterisk),
         },
         "splits": per,
-        "files": {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                  for p in files},
+        "files": output_files(root),
     }

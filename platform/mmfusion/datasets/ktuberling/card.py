@@ -8,9 +8,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import mmfusion
 from mmfusion.datasets.ktuberling.sources import FREEDICT_LANGUAGES, Sources, Sprite
-from mmfusion.datasets.output import sha256_file
+from mmfusion.datasets.output import card_header, output_files
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
@@ -65,13 +64,8 @@ def data_card(name: str, version: int, variant: str, seed: int, src: Sources,
     """The data card of a finished build (`root` holds its Parquet files)."""
     cache: dict[Path, tuple[int, int, float, str]] = {}
     splits = {s: _split_stats(rows, pngs, cache) for s, rows in plan.items()}
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "data_card.json")
     return {
-        "name": name,
-        "format_version": version,
-        "variant": variant,
-        "seed": seed,
-        "builder": f"mmfusion.datasets.ktuberling (mmfusion {mmfusion.__version__})",
+        **card_header(name, version, variant, seed, "mmfusion.datasets.ktuberling"),
         "description": "KDE KTuberling objects: a sprite (RGBA PNG rendered from the theme's SVG), a "
                        "real recording of the object's spoken name in one of many languages (the package's "
                        "OGG/Opus/WAV file as shipped), and the object's name from a FreeDict dictionary; "
@@ -108,6 +102,5 @@ def data_card(name: str, version: int, variant: str, seed: int, src: Sources,
             "files": src.files,
         },
         "splits": splits,
-        "files": {p.relative_to(root).as_posix(): {"sha256": sha256_file(p),
-                                                   "bytes": p.stat().st_size} for p in files},
+        "files": output_files(root),
     }
