@@ -36,10 +36,10 @@ ENCODERS = {  # --encoders image=resnet: the encoder section each alternative me
 }
 
 
-def plan_rows(fusions: list[str], encoders: list[str]) -> list[tuple[str, list[str]]]:
+def plan_rows(fusions: list[str], encoders: list[str], baselines: bool = True) -> list[tuple[str, list[str]]]:
     """(row name, overrides): the fused default first, then one row per modality, fusion and encoder."""
     rows = [("fused", []), ("image", ["data.modalities=[image]"]), ("text", ["data.modalities=[text]"]),
-            ("audio", ["data.modalities=[audio]"])]
+            ("audio", ["data.modalities=[audio]"])] if baselines else []
     rows += [(f"fused, {f} fusion", [f"model.fusion.name={f}"]) for f in fusions]
     for item in encoders:
         modality, name = item.split("=", 1)
@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default="runs/bench")
     p.add_argument("--fusions", default="", help="comma-separated fusion operators to add as rows")
     p.add_argument("--encoders", default="", help="comma-separated modality=encoder rows, e.g. image=resnet")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="only the --fusions/--encoders rows (the fused default and single rows ran before)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     setup_logging()
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
         config = str(write_starter_config(args.data, out.with_suffix(".config.yaml"), force=True))
         log.info("config derived by mmfusion init: %s", config)
-    rows = plan_rows([f for f in args.fusions.split(",") if f], [e for e in args.encoders.split(",") if e])
+    rows = plan_rows([f for f in args.fusions.split(",") if f], [e for e in args.encoders.split(",") if e],
+                     baselines=not args.no_baselines)
     results: list[dict[str, Any]] = []
     for name, overrides in rows:
         log.info("row %d/%d: %s", len(results) + 1, len(rows), name)
