@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from mmfusion.data.profile import DatasetProfile, percentile, pixel_stats, round_up
+from mmfusion.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def starter_config(p: DatasetProfile, data_path: str | None = None) -> str:
     """The experiment YAML for the profiled dataset, as text with a comment on every derived value."""
     mods = [m for m in p.columns if p.share(m) >= MIN_PRESENT]
     if not mods:
-        raise ValueError(f"{p.path}: no modality is present in at least {MIN_PRESENT:.0%} of the rows")
+        raise DataError(f"{p.path}: no image, text or audio field is filled in at least {MIN_PRESENT:.0%} of "
+                        "the rows; nothing to train on")
     dropped = [m for m in p.columns if m not in mods]
     lines: list[Line] = [
         (0, "seed", 0, "one seed for model init, shuffling and modality dropout"),

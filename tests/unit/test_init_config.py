@@ -71,3 +71,11 @@ def test_init_on_missing_data_names_it(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nowhere"):
         write_starter_config(str(tmp_path / "nowhere"), tmp_path / "exp.yaml")
     assert not (tmp_path / "exp.yaml").exists()
+
+
+def test_init_on_data_without_media_names_the_problem(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(f'{{"text": null, "label": "{c}"}}\n' for c in "abab"), encoding="utf-8")
+    with pytest.raises(DataError, match="image|text|audio"):
+        write_starter_config(str(manifest), tmp_path / "exp.yaml")
+    assert not (tmp_path / "exp.yaml").exists()
