@@ -79,3 +79,10 @@ def test_init_on_data_without_media_names_the_problem(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="image|text|audio"):
         write_starter_config(str(manifest), tmp_path / "exp.yaml")
     assert not (tmp_path / "exp.yaml").exists()
+
+
+def test_data_inspect_prints_the_init_statistics(rough: Path) -> None:
+    from mmfusion.data.inspect import inspect_dataset
+
+    report = inspect_dataset(str(rough))
+    assert "statistics over 42 train rows" in report and "44100 Hz" in report and "CYRILLIC" in report

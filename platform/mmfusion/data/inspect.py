@@ -55,7 +55,11 @@ def inspect_dataset(path: str, label_column: str = "label") -> str:
                 bad.append({"id": batch["id"][i], "split": splits[i], "source": batch["source"][i],
                             "row": int(batch["row"][i]), "error": str(err)})
     rejects_path = rejects.update_rejects(rejects.default_rejects_path(path), bad)
-    return _report(path, label_column, summary, rows, classes, present, mods, bad, rejects_path)
+    report = _report(path, label_column, summary, rows, classes, present, mods, bad, rejects_path)
+    from mmfusion.data.profile import format_profile, profile_dataset
+
+    # the statistics `mmfusion init` chooses preprocessing from (a second, header-only pass over <= 4000 rows)
+    return report + "\n\n" + format_profile(profile_dataset(path, label_column))
 
 
 def _report(path: str, label_column: str, summary: readers.DatasetSummary, rows: Counter[str],
