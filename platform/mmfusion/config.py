@@ -206,7 +206,8 @@ class TrainConfig(Strict):
     num_workers: int = Field(1, ge=1)  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)  # fractional on small machines so Ray Data keeps a CPU
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    # auto = bf16 autocast on GPU, fp32 on CPU; fp16 = float16 autocast + GradScaler (GPUs without bf16)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     storage_path: str = "runs"  # run folders live here; multi-node runs need s3://, gs:// or NFS
     run_name: str | None = None  # stable name => re-running resumes; default derived from the config
     max_failures: int = Field(0, ge=0)  # worker-group restarts from the last checkpoint
