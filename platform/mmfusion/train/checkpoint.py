@@ -4,6 +4,7 @@ weights_only=True) and the loop's progress (JSON). Nothing is unpickled on load.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,26 @@ def load_checkpoint(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], L
     optim_state = torch.load(d / OPTIM, map_location="cpu", weights_only=True)
     state = LoopState(**json.loads((d / STATE).read_text()))
     return model_state, optim_state, state
+
+
+def resume(d: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None,
+           place: Callable[[torch.nn.Module], torch.nn.Module]) -> tuple[torch.nn.Module, LoopState]:
+    """Restore a run from checkpoint folder `d`; returns (the placed model, the loop state).
+
+    The order matters on a GPU: weights load into the CPU model, `place` moves it (Ray Train's prepare_model:
+    device + DDP), and only then does the optimizer load its state, which `Optimizer.load_state_dict` casts
+    to the device of the parameters it belongs to. Loaded before the move, AdamW's moments would stay on the
+    CPU while the parameters live on the GPU, and the first step would fail.
+    """
+    model_state, optim_state, state = load_checkpoint(d)
+    model.load_state_dict(model_state)
+    model = place(model)
+    optimizer.load_state_dict(optim_state["optimizer"])
+    scheduler.load_state_dict(optim_state["scheduler"])
+    if scaler is not None and scaler.is_enabled() and optim_state.get("scaler"):
+        scaler.load_state_dict(optim_state["scaler"])  # fp16: carry on with the scale it had reached
+    return model, state
 
 
 def load_loop_state(d: Path) -> LoopState:

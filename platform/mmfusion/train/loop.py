@@ -129,11 +129,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps: in
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU when precision is auto/bf16; on CPU only when asked for explicitly."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    """bf16 autocast on GPU when precision is auto/bf16, fp16 autocast when fp16; on CPU only when asked for
+    explicitly."""
+    if precision == "fp16":
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """A loss scaler, enabled for fp16 only: float16 gradients underflow without it. bf16 has fp32's
+    exponent range and needs none; a disabled scaler passes every call through."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -178,14 +186,16 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Tensor]], opti
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device,
                     precision: str = "auto", grad_clip: float | None = None, log_every: int = 0, *,
                     epoch: int = 0, class_weight: Tensor | None = None, label_smoothing: float = 0.0,
-                    num_classes: int | None = None) -> EpochStats:
-    """One pass over `batches`. `epoch` (0-based) only names the epoch in errors.
+                    num_classes: int | None = None, scaler: torch.amp.GradScaler | None = None) -> EpochStats:
+    """One pass over `batches`. `epoch` (0-based) only names the epoch in errors. `scaler` (fp16): the
+    caller's GradScaler, so its scale carries over epochs and into checkpoints; made here when None.
 
     Raises:
         TrainingDivergedError: the loss is NaN or infinite (raised before the step would spread it to the
             weights).
     """
     model.train()
+    scaler = scaler if scaler is not None else grad_scaler(device, precision)
     weight = class_weight.to(device) if class_weight is not None else None
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device) if num_classes else None
     loss_sum, correct, count, t0 = 0.0, 0, 0, time.perf_counter()
@@ -205,10 +215,12 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Tensor]], opti
                                                  "the model diverged: lower optim.lr, keep optim.grad_clip, "
                                                  "or try train.precision=fp32"))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()  # fp16: the loss times the scale, so small gradients stay representable
         if grad_clip:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skips the step when a gradient overflowed (and lowers the scale)
+        scaler.update()
         if scheduler is not None:
             scheduler.step()
         n = labels.shape[0]

@@ -20,13 +20,14 @@ import torch
 from mmfusion.batch import InputSpec
 from mmfusion.config import validate_config
 from mmfusion.errors import ConfigError, MmfusionError
-from mmfusion.train.checkpoint import LoopState, load_checkpoint, save_checkpoint
+from mmfusion.train.checkpoint import LoopState, resume, save_checkpoint
 from mmfusion.train.loop import (
     beats_majority,
     build_optimizer,
     build_scheduler,
     class_weights,
     evaluate,
+    grad_scaler,
     majority_share,
     param_groups,
     train_one_epoch,
@@ -105,21 +106,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     steps_per_epoch = max(1, math.ceil(config["train_rows"] / (tc.batch_size * world)))
     scheduler = build_scheduler(optimizer, oc.scheduler, steps_per_epoch * tc.epochs,
                                 warmup_steps=int(oc.warmup_epochs * steps_per_epoch))
+    device = ray.train.torch.get_device()  # [ray]
+    scaler = grad_scaler(device, tc.precision)  # enabled for fp16 only
     state = LoopState()
     # [ray] set after a worker failure or when a run with this name is re-run
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            model_state, optim_state, state = load_checkpoint(Path(d))
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state["optimizer"])
-        scheduler.load_state_dict(optim_state["scheduler"])
+        with ckpt.as_directory() as d:  # weights, then placement (DDP + device), then the optimizer state
+            model, state = resume(Path(d), model, optimizer, scheduler, scaler, ray.train.torch.prepare_model)
         log.info("resuming from the checkpoint of epoch %d", state.epoch)
+    else:
+        model = ray.train.torch.prepare_model(model)  # [ray] DDP + device placement
     start = state.epoch + 1
     state.starts.append(start)
 
-    model = ray.train.torch.prepare_model(model)  # [ray] DDP + device placement
-    device = ray.train.torch.get_device()  # [ray]
     train_shard = ray.train.get_dataset_shard("train")  # [ray]
     val_shard = ray.train.get_dataset_shard("val")  # [ray]
     for epoch in range(start, tc.epochs):
@@ -128,7 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         batches = iter_torch_batches(train_shard, tc.batch_size, shuffle_seed=cfg.seed + epoch)
         tr = train_one_epoch(model, batches, optimizer, scheduler, device, tc.precision, oc.grad_clip,
                              epoch=epoch, class_weight=weight, label_smoothing=oc.label_smoothing,
-                             num_classes=len(labels))
+                             num_classes=len(labels), scaler=scaler)
         va = evaluate(model, iter_torch_batches(val_shard, tc.batch_size), device, tc.precision,
                       num_classes=len(labels))
         metrics = {"epoch": epoch, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
@@ -157,8 +157,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             checkpoint = None
             if rank == 0:
                 save_checkpoint(Path(d), unwrap(model).state_dict(),
-                                {"optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict()}, state)
+                                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "scaler": scaler.state_dict()}, state)
                 checkpoint = ray.train.Checkpoint.from_directory(d)  # [ray]
             ray.train.report(metrics, checkpoint=checkpoint)  # [ray] every rank reports
     if state.learned is False and rank == 0:
