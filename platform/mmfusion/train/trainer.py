@@ -33,7 +33,7 @@ class TrainRun:
 def default_run_name(cfg: ExperimentConfig) -> str:
     """Stable for the same resolved config, so re-running the same command resumes the same run."""
     identity = cfg.model_dump(mode="json")
-    for k in ("max_failures", "artifact_dir", "run_name", "storage_path"):
+    for k in ("max_failures", "artifact_dir", "run_name", "storage_path", "tracking", "mlflow_uri"):
         identity["train"].pop(k, None)  # how and where to run, not what to train
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.data.path.rstrip("/")).stem) or "data"
