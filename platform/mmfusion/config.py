@@ -80,6 +80,13 @@ class DataConfig(Strict):
     # where rejected rows go; default: <path>/rejects.jsonl or beside the manifest
     rejects_path: str | None = None
     read_parallelism: int = Field(-1, ge=-1)  # Ray Data read tasks; -1 = Ray's choice
+    # memory: materialize the preprocessed splits in the object store once (every epoch reads tensors: small
+    # data); none: stream them from the files every epoch (data larger than the object store); auto: memory
+    # when the estimated preprocessed size fits the object store comfortably, else none (the log says which)
+    cache: Literal["auto", "memory", "none"] = "auto"
+    # local: a shuffle buffer in each worker (cheap; rows mix only within nearby blocks); global: the whole
+    # train split re-shuffled every epoch (an all-to-all pass per epoch; seeded by `seed`)
+    shuffle: Literal["local", "global"] = "local"
     image: ImagePreprocessConfig = ImagePreprocessConfig()
     text: TextPreprocessConfig = TextPreprocessConfig()
     audio: AudioPreprocessConfig = AudioPreprocessConfig()
