@@ -4,6 +4,14 @@
     audio bytes -> soundfile decode -> mono -> torchaudio resample -> pad/crop -> log-mel or MFCC
                 -> standardized with the train split's mean/std (data.audio.stats) -> float32 (1, F, T)
 
+Every decode has a budget fixed before a sample is read (docs/security.md): the container format
+(AUDIO_FORMATS), the declared sample rate (MIN_SAMPLE_RATE..MAX_SAMPLE_RATE), the channel count
+(MAX_CHANNELS) and the duration (max_seconds). Resampling cost is bounded too: torchaudio's sinc kernel has
+new x (orig + 2 width) taps for the gcd-reduced rates, so a rate such as 10,001 Hz -> 8 kHz would build an
+80-million-tap float64 kernel (1.3 GB). Above RESAMPLE_KERNEL_BUDGET taps the ratio is replaced by its best
+rational approximation with terms <= RESAMPLE_MAX_TERMS (a rate error below 0.1%). Any failure while decoding
+or resampling is a DecodeError naming the reason, never another exception.
+
 The statistics are measured by the Ray Data pass of training (mmfusion.data.pipeline) and kept in the
 artifact's config, so training, evaluation and serving apply the same `standardize`. A missing clip is all
 zeros after standardization: the train mean, not a "loud" block of raw zeros.
@@ -16,6 +24,7 @@ import io
 import math
 import warnings
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -24,6 +33,12 @@ import torch
 from mmfusion.config import AudioPreprocessConfig, AudioStats
 from mmfusion.errors import ConfigError, DecodeError
 
+MIN_SAMPLE_RATE = 1_000  # Hz; declared rates outside [MIN, MAX] are rejected before decoding
+MAX_SAMPLE_RATE = 192_000
+MAX_CHANNELS = 8  # more channels are rejected before decoding (they are averaged to mono anyway)
+AUDIO_FORMATS = ("WAV", "WAVEX", "RF64", "FLAC", "OGG", "MP3", "AIFF")  # libsndfile's names; others rejected
+RESAMPLE_KERNEL_BUDGET = 1 << 20  # sinc kernel taps (8 MiB in float64); above it the ratio is approximated
+RESAMPLE_MAX_TERMS = 1000  # numerator and denominator of an approximated resampling ratio
 LOG_EPS = 1e-6  # log-mel floor: log(x + eps) keeps silence finite (about -13.8)
 STD_FLOOR = 0.1  # smallest std used (log-mel nats, MFCC dB): a bin that never varies on train is not blown up
 
@@ -41,7 +56,10 @@ def audio_num_features(cfg: AudioPreprocessConfig) -> int:
 
 
 def decode_audio(data: Any, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
-    """Encoded WAV/FLAC/OGG bytes -> (mono float32 samples (n,), sample rate). Reads at most max_seconds."""
+    """Encoded WAV/FLAC/OGG bytes -> (mono float32 samples (n,), sample rate). Reads at most max_seconds.
+
+    The format, sample rate and channel count are checked from the header before any sample is decoded.
+    DecodeError on empty, unknown, out-of-budget or undecodable bytes; never another exception."""
     import soundfile as sf
 
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -50,20 +68,71 @@ def decode_audio(data: Any, max_seconds: float | None = None) -> tuple[np.ndarra
         raise DecodeError("audio", "empty (0 bytes)")
     try:
         with sf.SoundFile(io.BytesIO(bytes(data))) as f:
-            sr = int(f.samplerate)
+            sr, fmt, channels = int(f.samplerate), str(f.format), int(f.channels)
+            _check_header(fmt, sr, channels)
             frames = f.frames
             if max_seconds is not None:
                 frames = min(frames, int(math.ceil(max_seconds * sr)))
             wav = f.read(frames, dtype="float32", always_2d=True)  # (n, channels)
+    except DecodeError:
+        raise
     except sf.LibsndfileError as e:
         raise DecodeError("audio", f"undecodable ({e.error_string})") from None
-    except (RuntimeError, ValueError, TypeError, EOFError) as e:
-        raise DecodeError("audio", f"undecodable ({e})") from None
+    except MemoryError:
+        raise DecodeError("audio", "undecodable (out of memory while decoding)") from None
+    except Exception as e:  # soundfile/libsndfile raise RuntimeError, ValueError, TypeError, EOFError, ...
+        raise DecodeError("audio", f"undecodable ({type(e).__name__}: {e})") from None
     if wav.shape[0] == 0:
         raise DecodeError("audio", "zero-length audio (no samples)")
-    if sr <= 0:
-        raise DecodeError("audio", f"invalid sample rate {sr}")
     return wav.mean(axis=1), sr
+
+
+def _check_header(fmt: str, sr: int, channels: int) -> None:
+    """DecodeError unless the header's format, sample rate and channel count are within the decode budget."""
+    if fmt not in AUDIO_FORMATS:
+        raise DecodeError("audio", f"unsupported audio format {fmt}; send one of {', '.join(AUDIO_FORMATS)}")
+    if not MIN_SAMPLE_RATE <= sr <= MAX_SAMPLE_RATE:
+        raise DecodeError("audio", f"sample rate {sr} Hz is outside the accepted range "
+                                   f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise DecodeError("audio", f"{channels} channels; at most {MAX_CHANNELS} are accepted")
+
+
+def _kernel_taps(orig: int, new: int) -> int:
+    """Size of torchaudio's sinc resampling kernel for gcd-reduced rates (lowpass_filter_width 6, rolloff
+    0.99, its defaults): new x (orig + 2 width)."""
+    width = math.ceil(6 * orig / (0.99 * min(orig, new)))
+    return new * (orig + 2 * width)
+
+
+def resample_ratio(sr: int, target: int) -> tuple[int, int]:
+    """(orig, new) to hand torchaudio's resample for sr -> target: the gcd-reduced rates when their kernel
+    fits RESAMPLE_KERNEL_BUDGET, else the closest ratio whose terms are <= RESAMPLE_MAX_TERMS."""
+    g = math.gcd(sr, target)
+    orig, new = sr // g, target // g
+    if _kernel_taps(orig, new) <= RESAMPLE_KERNEL_BUDGET:
+        return orig, new
+    ratio = Fraction(target, sr)
+    if ratio <= 1:
+        approx = ratio.limit_denominator(RESAMPLE_MAX_TERMS)
+    else:
+        approx = 1 / (1 / ratio).limit_denominator(RESAMPLE_MAX_TERMS)
+    return max(1, approx.denominator), max(1, approx.numerator)
+
+
+def resample(wave: torch.Tensor, sr: int, target: int) -> torch.Tensor:
+    """float32 (n,) at sr -> (m,) at target with a bounded kernel (resample_ratio). DecodeError on failure."""
+    import torchaudio.functional as AF
+
+    if sr == target:
+        return wave
+    orig, new = resample_ratio(sr, target)
+    try:
+        return AF.resample(wave, orig, new)
+    except MemoryError:
+        raise DecodeError("audio", f"cannot resample from {sr} Hz (out of memory)") from None
+    except Exception as e:
+        raise DecodeError("audio", f"cannot resample from {sr} Hz ({type(e).__name__}: {e})") from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -129,8 +198,6 @@ def fit_stats(count: int, sums: np.ndarray, squares: np.ndarray, normalize: str)
 def audio_batch(values: Sequence[Any], cfg: AudioPreprocessConfig) -> tuple[np.ndarray, list[str | None]]:
     """Decode, resample, pad/crop, featurize, standardize (data.audio.stats); None entries skipped (zeros).
     -> float32 (N, 1, F, T), errors."""
-    import torchaudio.functional as AF
-
     n_samples = audio_num_samples(cfg)
     out = np.zeros((len(values), 1, audio_num_features(cfg), audio_num_frames(cfg)), dtype=np.float32)
     errors: list[str | None] = [None] * len(values)
@@ -140,12 +207,10 @@ def audio_batch(values: Sequence[Any], cfg: AudioPreprocessConfig) -> tuple[np.n
             continue
         try:
             wav, sr = decode_audio(v, cfg.max_seconds)
+            w = resample(torch.from_numpy(wav), sr, cfg.sample_rate)
         except DecodeError as e:
             errors[i] = e.reason
             continue
-        w = torch.from_numpy(wav)
-        if sr != cfg.sample_rate:
-            w = AF.resample(w, sr, cfg.sample_rate)
         w = w[:n_samples]
         if w.numel() < n_samples:
             w = torch.nn.functional.pad(w, (0, n_samples - w.numel()))  # silence at the end

@@ -1,0 +1,147 @@
+"""Hostile inputs to the decoders and to the HTTP contract's parsing (issue 13): every one is a DecodeError
+or a 4xx RequestError within a documented budget (docs/security.md), never another exception or gigabytes."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mmfusion.config import AudioPreprocessConfig
+from mmfusion.data.audio import audio_batch, decode_audio
+from mmfusion.errors import DecodeError
+
+REPO = Path(__file__).resolve().parents[2]
+AUDIO_BOMB_BUDGET_MIB = 64  # docs/security.md: peak RSS a hostile clip may add to an encoder replica
+
+
+def wav_declaring(rate: int, seconds: float = 0.1, channels: int = 1) -> bytes:
+    """A small PCM_16 WAV of a tone whose header declares `rate` (any uint32), as an attacker writes it."""
+    n = int(8000 * seconds)
+    x = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 8000)).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, np.repeat(x[:, None], channels, axis=1), 8000, format="WAV", subtype="PCM_16")
+    b = bytearray(buf.getvalue())
+    struct.pack_into("<I", b, 24, rate)  # fmt chunk: sample rate, then byte rate
+    struct.pack_into("<I", b, 28, (rate * 2 * channels) & 0xFFFFFFFF)
+    return bytes(b)
+
+
+# ----------------------------------------------------------------------------------------- audio
+
+
+_RSS_SCRIPT = r"""
+import json, resource, sys
+import torch
+torch.set_num_threads(1)
+from mmfusion.config import AudioPreprocessConfig
+from mmfusion.data.audio import audio_batch
+sys.path.insert(0, sys.argv[1])
+from tests.unit.test_hostile_inputs import wav_declaring
+cfg = AudioPreprocessConfig(sample_rate=8000, max_seconds=1.0)
+audio_batch([wav_declaring(16000), wav_declaring(44100)], cfg)   # warm-up: kernels, allocator, imports
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
+base, out = peak(), {}
+for rate in (10_001, 50_001, 191_999, 2**31 - 1):
+    _, errors = audio_batch([wav_declaring(rate, seconds=1.0)], cfg)
+    out[str(rate)] = {"error": errors[0], "peak_mib": peak()}
+print(json.dumps({"base_mib": base, "rates": out}))
+"""
+
+
+def test_resampling_bombs_stay_within_the_memory_budget():
+    """A 1.6 kB WAV declaring 10,001 Hz used to cost 1.3 GB (torchaudio's kernel grows with the reduced
+    rates), and one declaring 2^31-1 Hz raised RuntimeError (a 500). Measured in a fresh process: ru_maxrss
+    is a peak, so each rate's figure is the highest RSS up to and including its call."""
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(REPO)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for rate, r in res["rates"].items():
+        assert r["peak_mib"] - res["base_mib"] <= AUDIO_BOMB_BUDGET_MIB, (rate, res)
+    assert "outside the accepted range" in res["rates"][str(2**31 - 1)]["error"]
+    assert res["rates"]["10001"]["error"] is None  # an odd but plausible rate is resampled, not refused
+
+
+@pytest.mark.parametrize("rate", [999, 192_001, 2**31 - 1])  # the range is 1,000..192,000 Hz
+def test_sample_rates_outside_the_range_are_a_decode_error(rate):
+    with pytest.raises(DecodeError, match="outside the accepted range"):
+        decode_audio(wav_declaring(rate))
+    with pytest.raises(DecodeError):  # libsndfile refuses this one itself
+        decode_audio(wav_declaring(2**32 - 1))
+
+
+def test_sample_rate_bounds_are_inclusive():
+    from mmfusion.data.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+
+    assert (MIN_SAMPLE_RATE, MAX_SAMPLE_RATE) == (1_000, 192_000)  # as docs/security.md says
+    for rate in (MIN_SAMPLE_RATE, MAX_SAMPLE_RATE):
+        wav, sr = decode_audio(wav_declaring(rate))
+        assert sr == rate and wav.dtype == np.float32
+
+
+@pytest.mark.parametrize("rate, target", [(10_001, 8000), (50_001, 8000), (191_999, 16000), (7_919, 16000),
+                                          (1_000, 192_000)])
+def test_resampling_kernel_is_bounded_and_close_to_the_ratio(rate, target):
+    from mmfusion.data.audio import resample_ratio
+
+    orig, new = resample_ratio(rate, target)
+    width = math.ceil(6 * orig / (0.99 * min(orig, new)))  # torchaudio's, for its default filter
+    assert new * (orig + 2 * width) <= 1.1 * (1 << 20)
+    assert abs(new / orig - target / rate) / (target / rate) < 1e-3
+
+
+@pytest.mark.parametrize("rate, target", [(44_100, 16_000), (22_050, 8_000), (11_025, 16_000),
+                                          (48_000, 8_000)])
+def test_common_rates_resample_exactly(rate, target):
+    from mmfusion.data.audio import resample_ratio
+
+    orig, new = resample_ratio(rate, target)
+    assert new / orig == target / rate  # the gcd-reduced rates: as before, bit for bit
+
+
+def test_resampled_odd_rate_keeps_the_pitch():
+    """10,001 Hz resampled to 8 kHz by the approximated ratio: a 440 Hz tone stays at 440 Hz (one FFT bin)."""
+    cfg = AudioPreprocessConfig(sample_rate=8000, max_seconds=1.0, normalize="none")
+    t = np.arange(10_001) / 10_001
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 10_001, format="WAV")
+    import torch
+
+    from mmfusion.data.audio import resample
+
+    wav, sr = decode_audio(buf.getvalue())
+    y = resample(torch.from_numpy(wav), sr, 8000).numpy()
+    peak_hz = np.argmax(np.abs(np.fft.rfft(y[:8000]))) * 8000 / 8000
+    assert abs(peak_hz - 440) <= 1
+    _, errors = audio_batch([buf.getvalue()], cfg)
+    assert errors == [None]
+
+
+def test_too_many_channels_and_unlisted_formats_are_refused_before_decoding():
+    with pytest.raises(DecodeError, match="channels"):
+        decode_audio(wav_declaring(8000, channels=9))
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(800, np.float32) + 0.1, 8000, format="AU")  # Sun/NeXT: a valid file, not listed
+    with pytest.raises(DecodeError, match="unsupported audio format AU"):
+        decode_audio(buf.getvalue())
+
+
+def test_a_failing_resample_is_a_decode_error(monkeypatch):
+    import torchaudio.functional as AF
+
+    def boom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(AF, "resample", boom)
+    _, errors = audio_batch([wav_declaring(16_000), wav_declaring(8000)],
+                            AudioPreprocessConfig(sample_rate=8000))
+    assert errors[0].startswith("cannot resample from 16000 Hz") and errors[1] is None
