@@ -35,6 +35,7 @@ class TuneRun:
     table: str
     rows: list[dict[str, Any]]
     location: str = ""  # the best artifact's location (local path or URI)
+    best_id: str = ""  # the best trial's id
 
 
 def experiment_name(cfg: ExperimentConfig) -> str:
@@ -67,6 +68,7 @@ def run_tune(cfg: ExperimentConfig, address: str | None = None) -> TuneRun:
 
     from mmfusion.data.pipeline import build_datasets
     from mmfusion.runtime import absolute_path, check_fits, env_address, init_ray
+    from mmfusion.train.tracking import mlflow_uri
     from mmfusion.train.trainer import data_info
 
     if cfg.tune is None:
@@ -83,9 +85,12 @@ def run_tune(cfg: ExperimentConfig, address: str | None = None) -> TuneRun:
     init_ray(address)
     check_fits(cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu, strict=embedded)
     bundle = build_datasets(cfg.data, splits=("train", "val"), seed=cfg.seed)
+    # every trial logs to the MLflow experiment named after this one, in the storage path's own store
+    tracking = {"experiment": name, "mlflow_uri": mlflow_uri(cfg, storage)}
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, base=base, datasets={"train": bundle.train, "val": bundle.val},
-                             data_info=data_info(bundle), train_storage=f"{exp_path}/train",
+                             data_info={**data_info(bundle), "tracking": tracking},
+                             train_storage=f"{exp_path}/train",
                              embedded=embedded),
         {"CPU": tu.trial_cpus})
 
@@ -113,7 +118,9 @@ def run_tune(cfg: ExperimentConfig, address: str | None = None) -> TuneRun:
     log.info("tune experiment %s: %d sample(s), search=%s, scheduler=%s, metric=%s (%s)", name,
              tu.num_samples, tu.search, tu.scheduler, metric, mode)
     grid = tuner.fit()
-    return summarize(grid, cfg, base, bundle, name, exp_path, metric, mode)
+    out = summarize(grid, cfg, base, bundle, name, exp_path, metric, mode)
+    finish_trials(cfg, out.rows, exp_path, out.artifact, best_id=out.best_id, tracking=tracking)
+    return out
 
 
 def summarize(grid: Any, cfg: ExperimentConfig, base: dict[str, Any], bundle: Any, name: str, exp_path: str,
@@ -152,7 +159,36 @@ def summarize(grid: Any, cfg: ExperimentConfig, base: dict[str, Any], bundle: An
         for f in (csv_path, plot):
             publish_file(f, f"{exp_path}/{f.name}")
     table = _table(rows, metric, mode, list(cfg.tune.space))
-    return TuneRun(name, out_dir, run.artifact, csv_path, plot, table, rows, location=run.location)
+    return TuneRun(name, out_dir, run.artifact, csv_path, plot, table, rows, location=run.location,
+                   best_id=str(best["trial_id"]))
+
+
+def finish_trials(cfg: ExperimentConfig, rows: list[dict[str, Any]], exp_path: str, best_artifact: Path,
+                  best_id: str, tracking: dict[str, Any]) -> None:
+    """Each trial's tracking, finished on the driver: the best trial gets the exported artifact, every other
+    trial its last checkpoint (see mmfusion.train.tracking.finish_run)."""
+    import ray.train
+
+    from mmfusion.train.tracking import finish_run
+
+    if not cfg.train.tracking:
+        return
+    for r in rows:
+        loc = f"{exp_path}/train/trial-{r['trial_id']}"
+        step = max(0, int(r["epochs"]) - 1)
+        kw = {"experiment": tracking["experiment"], "uri": tracking["mlflow_uri"], "step": step}
+        if str(r["trial_id"]) == best_id:
+            finish_run(cfg, loc, best_artifact, **kw)
+            continue
+        try:
+            ckpt = ray.train.Result.from_path(loc).checkpoint
+        except (OSError, RuntimeError, ValueError):
+            ckpt = None
+        if ckpt is None:
+            finish_run(cfg, loc, None, **kw)
+            continue
+        with ckpt.as_directory() as d:
+            finish_run(cfg, loc, None, extra=Path(d), **kw)
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -1,0 +1,111 @@
+"""Tracking without Ray: rank 0's Tracker and the driver's finish_run, read back with TensorBoard's
+EventAccumulator and MLflow's client (the file store under the storage path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmfusion.config import validate_config
+from mmfusion.train.tracking import Tracker, find_mlflow_run, finish_run, flatten, mlflow_uri
+
+METRICS = [{"epoch": 0, "train_loss": 2.0, "val_accuracy": 0.25, "lr": 1e-3, "world_size": 1},
+           {"epoch": 1, "train_loss": 1.5, "val_accuracy": 0.5, "lr": 5e-4, "world_size": 1}]
+
+
+def _cfg(data: Path, storage: Path, *trackers: str):
+    return validate_config({"data": {"path": str(data), "modalities": ["image", "text"]},
+                            "model": {"fusion": {"name": "gated"}},
+                            "train": {"storage_path": str(storage), "tracking": list(trackers)}})
+
+
+def _events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "toy"
+    d.mkdir()
+    (d / "train.jsonl").write_text('{"text": "one", "label": "1"}\n')
+    return d
+
+
+def _train(cfg, run: Path) -> None:
+    tracker = Tracker(cfg, str(run))
+    for m in METRICS:
+        tracker.log_epoch(m)
+    tracker.close()
+    art = run / "artifact"
+    art.mkdir(parents=True)
+    Image.fromarray(np.full((8, 12, 3), 200, np.uint8)).save(art / "training_curves.png")
+    (art / "metrics.json").write_text("{}")
+    finish_run(cfg, str(run), art, step=1)
+
+
+def test_tensorboard_gets_every_scalar_the_config_as_hparams_and_the_pngs(tmp_path, data_dir):
+    cfg = _cfg(data_dir, tmp_path / "runs", "tensorboard")
+    run = tmp_path / "runs" / "r1"
+    _train(cfg, run)
+    acc = _events(run / "tensorboard")
+    tags = acc.Tags()
+    for key in ("train_loss", "val_accuracy", "lr", "world_size"):
+        assert [e.step for e in acc.Scalars(key)] == [0, 1], key
+    assert [e.value for e in acc.Scalars("val_accuracy")] == [0.25, 0.5]
+    assert "training_curves" in tags["images"]
+    assert acc.Images("training_curves")[0].height == 8
+    plugins = acc.PluginTagToContent("hparams")  # experiment + session start/end summaries
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(plugins)
+    assert not (tmp_path / "runs" / "mlruns").exists()  # mlflow is off by default
+
+
+def test_mlflow_file_store_gets_params_metrics_tags_and_the_artifact_folder(tmp_path, data_dir):
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cfg(data_dir, tmp_path / "runs", "mlflow")
+    run = tmp_path / "runs" / "r1"
+    _train(cfg, run)
+    uri = mlflow_uri(cfg, str(tmp_path / "runs"))
+    assert uri == f"file:{tmp_path / 'runs' / 'mlruns'}"
+    client = MlflowClient(uri)
+    run_id = find_mlflow_run(client, "toy", str(run))  # experiment named after the dataset
+    got = client.get_run(run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.params["model.fusion.name"] == "gated"
+    assert got.data.params["train.storage_path"] == str(tmp_path / "runs")
+    assert [m.value for m in client.get_metric_history(run_id, "val_accuracy")] == [0.25, 0.5]
+    assert got.data.tags["run_name"] == "r1" and got.data.tags["mlflow.runName"] == "r1"
+    assert len(got.data.tags["dataset_fingerprint"]) == 16
+    names = {a.path for a in client.list_artifacts(run_id, "artifact")}
+    assert names == {"artifact/metrics.json", "artifact/training_curves.png"}
+    assert not (run / "tensorboard").exists()
+
+
+def test_a_resumed_run_continues_its_mlflow_run_and_drops_repeated_tensorboard_steps(tmp_path, data_dir):
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cfg(data_dir, tmp_path / "runs", "tensorboard", "mlflow")
+    run = tmp_path / "runs" / "r1"
+    first = Tracker(cfg, str(run))
+    first.log_epoch(METRICS[0])
+    first.log_epoch(METRICS[1])  # the epoch that the crash lost: its checkpoint was never written
+    first.close()
+    again = Tracker(cfg, str(run), start_epoch=1)
+    again.log_epoch({**METRICS[1], "val_accuracy": 0.75})
+    again.close()
+    assert first.run_id == again.run_id
+    assert [e.value for e in _events(run / "tensorboard").Scalars("val_accuracy")] == [0.25, 0.75]
+    client = MlflowClient(mlflow_uri(cfg, str(tmp_path / "runs")))
+    assert len(client.search_runs([client.get_experiment_by_name("toy").experiment_id])) == 1
+
+
+def test_flatten_makes_dotted_keys_and_strings_of_lists_and_none():
+    assert flatten({"a": {"b": 1, "c": [1, 2], "d": None, "e": {}}, "f": True}) == {
+        "a.b": 1, "a.c": "[1, 2]", "a.d": "None", "a.e": "{}", "f": True}
