@@ -122,8 +122,8 @@ class ResnetImageEncoderConfig(Strict):
 
 class HfEncoderConfig(Strict):
     name: Literal["hf"] = "hf"
-    pretrained: str  # Hugging Face hub name or local folder
-    freeze: bool = True  # no gradients into the backbone (it still runs every step: no embedding cache yet)
+    pretrained: str  # Hugging Face hub name, local folder, or pkg:PACKAGE/FOLDER (in an installed package)
+    freeze: bool = True  # no gradients into the backbone; frozen encoders' embeddings are cached (train.*)
     dim: int | None = None  # project to this size; None keeps the hidden size
 
 
@@ -227,6 +227,10 @@ class TrainConfig(Strict):
     # experiment trackers rank 0 writes to: tensorboard (<run folder>/tensorboard), mlflow (train.mlflow_uri)
     tracking: list[Literal["tensorboard", "mlflow"]] = ["tensorboard"]
     mlflow_uri: str | None = None  # MLflow tracking URI (a server); default file:<storage_path>/mlruns
+    # auto: when every encoder is frozen, embed each split once (Ray Data batch inference) into
+    # <storage_path>/embedding_cache/<key> and train the head on the embeddings (reused by later runs and Tune
+    # trials; a new key, i.e. other weights, preprocessing or data files, builds anew). off: encode every step
+    embedding_cache: Literal["auto", "off"] = "auto"
 
 
 class TuneConfig(Strict):
