@@ -145,3 +145,118 @@ def test_a_failing_resample_is_a_decode_error(monkeypatch):
     _, errors = audio_batch([wav_declaring(16_000), wav_declaring(8000)],
                             AudioPreprocessConfig(sample_rate=8000))
     assert errors[0].startswith("cannot resample from 16000 Hz") and errors[1] is None
+
+
+# ----------------------------------------------------------------------------------------- images
+
+
+def zero_png(width: int, height: int) -> bytes:
+    """A real all-zero grayscale PNG, compressed in chunks (about 190 kB for 8000 x 8000, never 64 MB)."""
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + payload))
+        return struct.pack(">I", len(payload)) + kind + payload + crc
+
+    z, row, parts = zlib.compressobj(9), b"\x00" * (width + 1), []  # filter byte + pixels
+    for _ in range(height):
+        parts.append(z.compress(row))
+    parts.append(z.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def encoded(fmt: str, size: tuple[int, int] = (16, 16), mode: str = "RGB", **kw) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _no_decoding(monkeypatch):
+    from PIL import ImageFile
+
+    def refuse(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+
+
+def test_the_8000_square_zero_png_is_rejected_before_decoding(monkeypatch):
+    from mmfusion.data.image import decode_image
+
+    bomb = zero_png(8000, 8000)
+    assert len(bomb) < 250_000  # 190 kB on the wire, 64 Mpx (about 1 GB of copies) once decoded
+    _no_decoding(monkeypatch)
+    with pytest.raises(DecodeError, match=r"too large \(8000x8000 pixels"):
+        decode_image(bomb, 3)
+
+
+def test_the_pixel_limit_is_4096_square():
+    from mmfusion.data.image import MAX_IMAGE_PIXELS, decode_image
+
+    assert MAX_IMAGE_PIXELS == 4096 * 4096  # as docs/security.md says
+    assert decode_image(zero_png(4096, 4096), 1).shape == (1, 4096, 4096)
+    with pytest.raises(DecodeError, match="too large"):
+        decode_image(zero_png(4097, 4096), 1)
+
+
+@pytest.mark.parametrize("fmt, kw", [("ICO", {"sizes": [(16, 16)]}), ("TIFF", {}), ("PPM", {}), ("TGA", {}),
+                                     ("PCX", {}), ("DDS", {})])
+def test_formats_the_contract_does_not_name_are_not_opened(fmt, kw, monkeypatch):
+    """Pillow opens every format it knows unless told otherwise: ICO decoded its embedded PNG before the
+    pixel check, EPS would run Ghostscript. Only PNG, JPEG, WebP, GIF and BMP are opened now."""
+    from mmfusion.data.image import decode_image
+
+    data = encoded(fmt, mode="RGBA" if fmt == "DDS" else "RGB", **kw)
+    _no_decoding(monkeypatch)
+    with pytest.raises(DecodeError, match="not a recognised image format .accepted: PNG, JPEG"):
+        decode_image(data, 3)
+
+
+def test_eps_never_reaches_ghostscript(monkeypatch):
+    import subprocess as sp
+
+    from mmfusion.data.image import decode_image
+
+    def no_subprocess(*a, **k):
+        raise AssertionError(f"a subprocess was started: {a}")
+
+    monkeypatch.setattr(sp, "Popen", no_subprocess)
+    monkeypatch.setattr(sp, "check_call", no_subprocess)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\nshowpage\n%%EOF\n"
+    with pytest.raises(DecodeError, match="not a recognised image format"):
+        decode_image(eps, 3)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_the_named_formats_decode(fmt):
+    from mmfusion.data.image import decode_image
+
+    assert decode_image(encoded(fmt), 3).shape == (3, 16, 16)
+
+
+def test_only_the_first_frame_of_an_animation_is_decoded():
+    from PIL import Image
+
+    from mmfusion.data.image import decode_image
+
+    frames = [Image.new("L", (8, 8), v) for v in (10, 200, 90)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    img = decode_image(buf.getvalue(), 1)
+    assert img.shape == (1, 8, 8) and int(img.float().mean()) == 10
+
+
+def test_an_unexpected_plugin_exception_is_a_decode_error(monkeypatch):
+    from PIL import PngImagePlugin
+
+    from mmfusion.data.image import decode_image
+
+    def broken(self):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load_end", broken)
+    with pytest.raises(DecodeError, match="undecodable .IndexError"):
+        decode_image(encoded("PNG"), 3)

@@ -18,7 +18,11 @@ import torch
 from mmfusion.config import ImagePreprocessConfig
 from mmfusion.errors import ConfigError, DecodeError
 
-MAX_IMAGE_PIXELS = 64_000_000  # larger images are rejected before decoding
+# The decode budget (docs/security.md), checked from the header before any pixel is decoded: only these
+# Pillow formats are opened (no ICO, TIFF, EPS/Ghostscript, ...), at most 4096 x 4096 pixels, and only the
+# first frame of an animated GIF/WebP/APNG is decoded.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_IMAGE_PIXELS = 4096 * 4096
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")  # PIL modes with an alpha channel
 
 
@@ -60,10 +64,19 @@ def _flatten_alpha(im: Any, background: tuple[int, int, int]) -> Any:
     return Image.alpha_composite(base, rgba).convert("RGB")
 
 
+def _check_pixels(width: int, height: int) -> None:
+    if width <= 0 or height <= 0:
+        raise DecodeError("image", f"empty ({width}x{height} pixels)")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DecodeError("image", f"too large ({width}x{height} pixels; at most {MAX_IMAGE_PIXELS}, "
+                                   "e.g. 4096x4096, are accepted)")
+
+
 def decode_image(data: Any, channels: int, background: tuple[int, int, int] = (255, 255, 255),
                  ) -> torch.Tensor:
-    """Encoded PNG/JPEG/... bytes -> uint8 (C, H, W), transparent pixels composited onto `background`.
-    DecodeError on empty, truncated or unknown bytes."""
+    """Encoded PNG/JPEG/WebP/GIF/BMP bytes -> uint8 (C, H, W), transparent pixels composited onto
+    `background`. DecodeError on empty, truncated, unlisted, oversized or undecodable bytes; never another
+    exception."""
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -71,17 +84,24 @@ def decode_image(data: Any, channels: int, background: tuple[int, int, int] = (2
     if len(data) == 0:
         raise DecodeError("image", "empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(bytes(data))) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:  # checked before decoding: no decompression bombs
-                raise DecodeError("image", f"too large ({im.width}x{im.height} pixels)")
-            im.load()  # decodes fully: a truncated file fails here, not later
+        with Image.open(io.BytesIO(bytes(data)), formats=IMAGE_FORMATS) as im:
+            _check_pixels(im.width, im.height)  # from the header: no decompression bombs
+            im.load()  # decodes the first frame fully: a truncated file fails here, not later
+            _check_pixels(im.width, im.height)
             im = _flatten_alpha(im, background).convert("L" if channels == 1 else "RGB")
+    except DecodeError:
+        raise
     except Image.DecompressionBombError as e:
         raise DecodeError("image", f"too large ({e})") from None
     except UnidentifiedImageError:
-        raise DecodeError("image", "not a recognised image format") from None
+        raise DecodeError("image", "not a recognised image format (accepted: "
+                                   f"{', '.join(IMAGE_FORMATS)})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise DecodeError("image", f"undecodable ({e})") from None
+    except MemoryError:
+        raise DecodeError("image", "undecodable (out of memory while decoding)") from None
+    except Exception as e:  # any other failure of a Pillow plugin (struct.error, IndexError, ...)
+        raise DecodeError("image", f"undecodable ({type(e).__name__}: {e})") from None
     arr = np.asarray(im, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
