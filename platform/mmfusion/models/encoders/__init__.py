@@ -75,6 +75,7 @@ class FrozenBackboneMixin(nn.Module):
 
     backbone: nn.Module
     frozen: bool = False
+    _backbone: Callable[..., Tensor]  # each encoder's own: its inputs -> (B, hidden)
 
     def freeze_backbone(self) -> None:
         self.frozen = True
@@ -92,6 +93,14 @@ class FrozenBackboneMixin(nn.Module):
             with torch.no_grad():
                 return fn()
         return fn()
+
+    def features(self, *inputs: Tensor) -> Tensor:
+        """The backbone's `(B, hidden)` output for the encoder's inputs: what `forward` projects, and what the
+        embedding cache stores for a frozen backbone (the projection then trains on it: `self.proj`)."""
+        return self.run_backbone(lambda: self._backbone(*inputs))
+
+    def forward(self, *inputs: Tensor) -> Tensor:  # -> (B, out_dim)
+        return self.proj(self.features(*inputs))
 
     def setup_head(self, name: str, dim: int | None, freeze: bool, probe: Callable[[], Tensor]) -> None:
         """The tail every pretrained encoder shares: an optional projection to `dim` (`out_dim` is `dim` or

@@ -79,6 +79,3 @@ class HfAudioEncoder(FrozenBackboneMixin):
         elif t > self.frames:
             x = x[:, : self.frames]
         return hf_pooled(self.backbone(input_values=x))
-
-    def forward(self, audio: Tensor) -> Tensor:  # (B, 1, F, T) -> (B, out_dim)
-        return self.proj(self.run_backbone(lambda: self._backbone(audio)))

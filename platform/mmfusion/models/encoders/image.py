@@ -90,10 +90,10 @@ class ResnetImageEncoder(FrozenBackboneMixin):
         if freeze:
             self.freeze_backbone()
 
-    def forward(self, image: Tensor) -> Tensor:  # (B, C, H, W) -> (B, out_dim)
+    def _backbone(self, image: Tensor) -> Tensor:  # (B, C, H, W) -> (B, width)
         if image.shape[1] == 1:
             image = image.expand(-1, 3, -1, -1)  # grayscale -> RGB, so pretrained conv1 filters apply
-        return self.proj(self.run_backbone(lambda: self.backbone(image)))
+        return self.backbone(image)
 
 
 class HfImageEncoder(FrozenBackboneMixin):
@@ -128,8 +128,6 @@ class HfImageEncoder(FrozenBackboneMixin):
             image = F.interpolate(image, size=self.image_size, mode="bilinear", align_corners=False)
         return hf_pooled(self.backbone(pixel_values=image))
 
-    def forward(self, image: Tensor) -> Tensor:  # (B, C, H, W) -> (B, out_dim)
-        return self.proj(self.run_backbone(lambda: self._backbone(image)))
 
 
 # ------------------------------------------------------------------------------------------ weights

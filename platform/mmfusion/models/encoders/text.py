@@ -154,4 +154,4 @@ class HfTextEncoder(FrozenBackboneMixin):
         return masked_mean(out.last_hidden_state, m)
 
     def forward(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:  # (B, L), (B, L) -> (B, out_dim)
-        return self.proj(self.run_backbone(lambda: self._backbone(ids, mask)))
+        return self.proj(self.features(ids, mask))

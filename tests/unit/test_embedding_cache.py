@@ -1,0 +1,163 @@
+"""The embedding cache without Ray: when it is on, what its key covers (invalidation), and that training on
+cached embeddings is the whole model's computation (same logits, same state dict, gradients only after the
+frozen backbones)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tests.tiny_hf import LABELS, WORDS, hf_text_config, save_tiny_text_model
+
+from mmfusion.config import ExperimentConfig, validate_config
+from mmfusion.data.preprocessor import input_spec
+from mmfusion.data.text import load_tokenizer, text_batch
+from mmfusion.errors import ConfigError
+from mmfusion.train.embedding_cache import (
+    CachedFusionModel,
+    EmbedBatch,
+    backbone_hashes,
+    build_frozen_model,
+    cache_key,
+    cached_model,
+    data_fingerprints,
+    emb_key,
+    enabled,
+    key_parts,
+    weights_hash,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(bert, tokenizer, data folder with a train Parquet)."""
+    root = tmp_path_factory.mktemp("cache")
+    bert, tok = save_tiny_text_model(root)
+    (root / "data").mkdir()
+    pq.write_table(pa.table({"text": WORDS, "label": LABELS}), root / "data" / "train.parquet")
+    return bert, tok, root / "data"
+
+
+def config(bert: Path, tok: Path, data: Path, *overrides: tuple[str, object]) -> ExperimentConfig:
+    raw = hf_text_config(bert, tok)
+    raw["data"]["path"] = str(data)
+    for dotted, value in overrides:
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return validate_config(raw)
+
+
+def key_of(cfg: ExperimentConfig) -> str:
+    model = build_frozen_model(cfg, input_spec(cfg.data), len(LABELS))
+    return cache_key(key_parts(cfg, LABELS, backbone_hashes(model), data_fingerprints(cfg.data.path)))
+
+
+def test_enabled_only_when_every_encoder_is_frozen(tiny: tuple[Path, Path, Path]) -> None:
+    bert, tok, data = tiny
+    assert enabled(config(bert, tok, data))
+    assert not enabled(config(bert, tok, data, ("train.embedding_cache", "off")))
+    assert not enabled(config(bert, tok, data, ("model.encoders.text.freeze", False)))
+    both = config(bert, tok, data, ("data.modalities", ["image", "text"]))  # the image encoder is a CNN
+    assert not enabled(both)
+    frozen_resnet = config(bert, tok, data, ("data.modalities", ["image", "text"]),
+                           ("model.encoders.image", {"name": "resnet", "freeze": True}))
+    assert enabled(frozen_resnet)
+
+
+def test_key_is_stable_and_changes_with_each_part(tiny: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    bert, tok, data = tiny
+    base = key_of(config(bert, tok, data))
+    assert key_of(config(bert, tok, data)) == base  # a second run finds the same folder
+    # the trainable head is not part of the key: its size, the fusion and the optimizer may change freely
+    assert key_of(config(bert, tok, data, ("model.encoders.text.dim", 4), ("optim.lr", 0.1))) == base
+    assert key_of(config(bert, tok, data, ("data.text.max_length", 5))) != base  # preprocessing
+    assert key_of(config(bert, tok, data, ("data.val_fraction", 0.2))) != base  # which rows are val
+    assert key_of(config(bert, tok, data, ("seed", 1))) != base
+
+    other = tmp_path / "data"  # the same rows in another file, then the file rewritten
+    other.mkdir()
+    (other / "train.parquet").write_bytes((data / "train.parquet").read_bytes())
+    moved = key_of(config(bert, tok, other))
+    assert moved != base
+    st = os.stat(other / "train.parquet")
+    os.utime(other / "train.parquet", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert key_of(config(bert, tok, other)) != moved  # data files' fingerprints
+
+    from transformers import BertModel
+
+    retrained = BertModel.from_pretrained(bert)
+    with torch.no_grad():
+        retrained.embeddings.word_embeddings.weight[5] += 1.0
+    retrained.save_pretrained(tmp_path / "bert2")
+    assert key_of(config(tmp_path / "bert2", tok, data)) != base  # encoder weights
+
+
+def test_weights_hash_sees_every_byte() -> None:
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    h = weights_hash(a)
+    assert weights_hash(a) == h and len(h) == 16
+    with torch.no_grad():
+        a[0].weight[1, 2] += 1e-6
+    assert weights_hash(a) != h
+    h = weights_hash(a)
+    a[1].num_batches_tracked += 1  # buffers count too
+    assert weights_hash(a) != h
+
+
+def embed_numpy(cfg: ExperimentConfig, texts: list[str | None]) -> tuple[dict, dict]:
+    """A preprocessed numpy batch (as Ray Data holds it) and EmbedBatch's output for it."""
+    ids, mask, _, _ = text_batch(texts, cfg.data.text, load_tokenizer(cfg.data.text))
+    present = np.array([[t is not None] for t in texts])
+    batch = {"text": ids, "text_mask": mask, "present": present, "label": np.arange(len(texts)) % 10}
+    spec = input_spec(cfg.data)
+    info = {"labels": LABELS, "spec": asdict(spec)}
+    model = build_frozen_model(cfg, spec, len(LABELS))
+    actor = EmbedBatch(cfg.model_dump(mode="json"), info, backbone_hashes(model), "cpu")
+    return batch, actor(batch)
+
+
+def test_cached_model_gives_the_whole_models_logits_and_trains_only_after_the_backbone(
+        tiny: tuple[Path, Path, Path]) -> None:
+    bert, tok, data = tiny
+    cfg = config(bert, tok, data)
+    texts = [*WORDS[:5], None, *WORDS[5:]]  # one row without text
+    batch, emb = embed_numpy(cfg, texts)
+    assert emb[emb_key("text")].shape == (11, 16) and emb[emb_key("text")].dtype == np.float32
+    assert not emb[emb_key("text")][5].any()  # the row without text: zeros
+
+    model = build_frozen_model(cfg, input_spec(cfg.data), len(LABELS)).eval()
+    cached = cached_model(model, {"key": "k", "weights": backbone_hashes(model)}).eval()
+    assert cached.state_dict().keys() == model.state_dict().keys()  # checkpoints hold the whole model
+    full = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items() if k != "label"}
+    fed = {k: torch.from_numpy(np.asarray(v)) for k, v in emb.items() if k != "label"}
+    with torch.no_grad():
+        torch.testing.assert_close(cached(fed), model(full), atol=1e-5, rtol=1e-4)
+
+    cached.train()
+    cached(fed).sum().backward()
+    with_grad = {n for n, p in cached.named_parameters() if p.grad is not None}
+    assert with_grad and all(not n.startswith("encoders.text.backbone.") for n in with_grad)
+    assert "encoders.text.proj.weight" in with_grad
+
+
+def test_embed_batch_and_workers_refuse_other_weights(tiny: tuple[Path, Path, Path]) -> None:
+    bert, tok, data = tiny
+    cfg = config(bert, tok, data)
+    spec = input_spec(cfg.data)
+    info = {"labels": LABELS, "spec": asdict(spec)}
+    with pytest.raises(ConfigError, match="differ from the driver's"):
+        EmbedBatch(cfg.model_dump(mode="json"), info, {"text": "0" * 16}, "cpu")
+    model = build_frozen_model(cfg, spec, len(LABELS))
+    with pytest.raises(ConfigError, match="embedding_cache=off"):
+        cached_model(model, {"key": "k", "weights": {"text": "0" * 16}})
+    assert isinstance(cached_model(model, {"key": "k", "weights": backbone_hashes(model)}), CachedFusionModel)
