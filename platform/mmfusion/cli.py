@@ -174,7 +174,8 @@ def _jobs(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmfusion", description=__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging and all of Ray's output (by default only its signs of real problems)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(parent: argparse._SubParsersAction, name: str, fn: Callable[[argparse.Namespace], int],
@@ -308,12 +309,9 @@ def subcommand_names(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    from mmfusion.logs import configure_logging
+
+    configure_logging(verbose)  # mmfusion's lines; Ray's chatter only with --verbose
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from mmfusion.errors import ConfigError
@@ -31,26 +32,33 @@ def init_ray(address: str | None = None, *, dashboard: bool = True, num_cpus: in
     """
     import ray
 
+    from mmfusion.logs import filter_ray_output, is_verbose
+
     if ray.is_initialized():
+        filter_ray_output()
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    level = "INFO" if is_verbose() else "WARNING"  # --verbose brings Ray's own INFO lines back
+    filter_ray_output()  # Ray's driver-side loggers exist from `import ray` on
     address = address or env_address()
     if address:
         log.info("joining Ray cluster at %s", address)
         try:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+            ray.init(address=address, logging_level=level, log_to_driver=True)
         except ConnectionError as e:
             raise ConfigError(f"cannot reach a Ray cluster at {address}: {e}") from None
     else:
         cpus = num_cpus or max(4, os.cpu_count() or 1)
         log.info("starting an embedded local Ray cluster (%d logical CPUs)", cpus)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, logging_level="WARNING",
+        ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, logging_level=level,
                  log_to_driver=True)
     import ray.data
 
+    filter_ray_output()  # now also the driver's copy of worker output
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False  # one "Starting execution ..." block per dataset per epoch is noise
+    # progress bars (data build, preprocessing, evaluate, predict, caches) only where a person watches
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.print_on_execution_start = is_verbose()  # one "Starting execution" block per dataset per epoch
 
 
 def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, strict: bool = True) -> None:
