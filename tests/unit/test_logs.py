@@ -16,7 +16,8 @@ ROUTINE = [
     "`ray.data.DataContext.get_current().enable_progress_bars = True`.",
     "2026-11-29 22:17:04,911\tINFO streaming_executor.py:371 -- ✔️  Dataset dataset_0356Dy7mFA8vThgfK93dup_0 "
     "execution finished in 11.58 seconds",
-    "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
+    "Progress bars disabled. To enable, set "
+    "`ray.data.DataContext.get_current().enable_progress_bars = True`.",
     "✔️  Dataset train_0356DzKzQBLcU9I0VHTIEg_0 execution finished in 0.07 seconds",
     "Requesting resources: {'CPU': 0.5} * 1",
     "Attempting to start training worker group of size 1 with the following resources: [{'CPU': 0.5}] * 1",
