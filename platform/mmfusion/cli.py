@@ -134,6 +134,18 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from mmfusion import runs
+
+    if args.sub == "list":
+        sys.stdout.write(runs.format_list(runs.find_runs(args.storage)) + "\n")
+    elif args.sub == "show":
+        sys.stdout.write(runs.format_show(runs.load_run(args.storage, args.run)) + "\n")
+    else:
+        sys.stdout.write(runs.format_compare([runs.load_run(args.storage, r) for r in args.runs]) + "\n")
+    return 0
+
+
 def _submit(args: argparse.Namespace) -> int:
     from mmfusion.ray_jobs import submit
 
@@ -270,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument("--api-key", help="API key (default: the MMFUSION_API_KEY environment variable)")
     rq.add_argument("--wait", type=float, default=0.0, help="first wait up to this many seconds for /healthz")
     rq.add_argument("--health", action="store_true", help="only check /healthz (exit status 0 when healthy)")
+
+    rn = sub.add_parser("runs", help="list, show and compare training runs and Tune experiments on disk"
+                        ).add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    storage_help = "the runs' folder, train.storage_path (default: runs)"
+    r = cmd(rn, "list", _runs, "runs and Tune experiments: status, epochs, best metric, fusion")
+    r.add_argument("--storage", default="runs", help=storage_help)
+    r = cmd(rn, "show", _runs, "one run: best metric, per-epoch metrics (a Tune experiment: its trials)")
+    r.add_argument("run", metavar="RUN", help="run name, EXPERIMENT/trial-ID, or a run folder")
+    r.add_argument("--storage", default="runs", help=storage_help)
+    r = cmd(rn, "compare", _runs, "runs side by side: best metrics and the config keys that differ")
+    r.add_argument("runs", nargs="+", metavar="RUN", help="run names, EXPERIMENT/trial-ID, or run folders")
+    r.add_argument("--storage", default="runs", help=storage_help)
 
     address_help = ("Ray Jobs API (dashboard) URL, e.g. http://127.0.0.1:8265 "
                     "(default: RAY_API_SERVER_ADDRESS, else an http RAY_ADDRESS, else http://127.0.0.1:8265)")
