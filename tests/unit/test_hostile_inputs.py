@@ -260,3 +260,110 @@ def test_an_unexpected_plugin_exception_is_a_decode_error(monkeypatch):
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load_end", broken)
     with pytest.raises(DecodeError, match="undecodable .IndexError"):
         decode_image(encoded("PNG"), 3)
+
+
+# ------------------------------------------------------------------------------- the HTTP contract
+
+
+def _status_of(fn, *args) -> tuple[int, str, bytes]:
+    """Call a contract function; -> (status, field, the JSON error body as the ingress would send it)."""
+    from fastapi.responses import JSONResponse
+
+    from mmfusion.serving.schemas import RequestError
+
+    try:
+        fn(*args)
+    except RequestError as e:
+        return e.status, e.field, JSONResponse(e.payload(), status_code=e.status).body
+    return 200, "", b""
+
+
+def test_duplicate_json_keys_are_a_400():
+    from mmfusion.serving.schemas import parse_json_body
+
+    status, field, body = _status_of(parse_json_body, b'{"text": "one", "text": "seven"}')
+    assert (status, field) == (400, "body") and b"duplicate key 'text'" in body
+
+
+def test_an_integer_of_more_than_4300_digits_is_a_400_not_a_valueerror():
+    from mmfusion.serving.schemas import parse_json_body
+
+    status, field, body = _status_of(parse_json_body, b'{"text": "one", "n": ' + b"9" * 5000 + b"}")
+    assert (status, field) == (400, "body") and b"not valid JSON" in body
+
+
+def test_a_lone_surrogate_key_gets_an_error_body_that_encodes():
+    """The unknown key is echoed in the error: a lone surrogate broke the answer's UTF-8 encoding (a 500)."""
+    from mmfusion.serving.schemas import parse_json_body
+
+    status, field, body = _status_of(parse_json_body, b'{"\\ud800": 1}')
+    assert status == 422 and field == "\\ud800"
+    assert json.loads(body)["error"]["field"] == "\\ud800"
+    status, field, _ = _status_of(parse_json_body, b'{"text": "a\\udfffb"}')  # a text the tokenizers reject
+    assert (status, field) == (400, "text")
+
+
+def test_a_non_utf8_multipart_text_field_is_a_400():
+    """Starlette decodes a plain form field that is not UTF-8 as latin-1: the request was answered 200."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from mmfusion.serving.http import multipart_parts
+    from mmfusion.serving.schemas import inputs_from_parts
+
+    body = (b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nsept \xe9\xff\r\n--b--\r\n')
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b")]}
+    parts = asyncio.run(multipart_parts(Request(scope), body, 1 << 20))
+    status, field, msg = _status_of(inputs_from_parts, parts)
+    assert (status, field) == (400, "text") and b"not valid UTF-8 (byte 0xe9" in msg
+    good = body.replace(b"sept \xe9\xff", "sept é".encode())
+    assert inputs_from_parts(asyncio.run(multipart_parts(Request(scope), good, 1 << 20))).text == "sept é"
+
+
+@pytest.mark.parametrize("name", ["x-request-timeout-seconds", "X-Request-Disconnect-Disabled"])
+def test_rays_control_headers_are_refused(name):
+    """Ray's proxy reads them from the client (a timeout of 0 disables the server's); the ingress refuses the
+    request before any work."""
+    from mmfusion.serving.guards import check_client_headers
+
+    status, field, _ = _status_of(check_client_headers, ["host", name])
+    assert (status, field) == (400, name.lower())
+    assert _status_of(check_client_headers, ["host", "x-request-id", "content-type"])[0] == 200
+
+
+def test_cross_origin_requests_are_refused_by_default():
+    from mmfusion.serving.guards import check_origin
+
+    assert _status_of(check_origin, None, "127.0.0.1:8000", [])[0] == 200  # curl, SDKs: no Origin
+    assert _status_of(check_origin, "http://127.0.0.1:8000", "127.0.0.1:8000", [])[0] == 200  # /docs
+    assert _status_of(check_origin, "https://evil.example", "127.0.0.1:8000", [])[:2] == (403, "origin")
+    assert _status_of(check_origin, "null", "127.0.0.1:8000", [])[0] == 403  # sandboxed iframes, file://
+    assert _status_of(check_origin, "https://app.example", "api:8000", ["https://app.example"])[0] == 200
+    assert _status_of(check_origin, "https://any.example", "api:8000", ["*"])[0] == 200
+
+
+def test_the_host_allow_list_stops_dns_rebinding():
+    from mmfusion.serving.guards import check_host
+
+    local = ["127.0.0.1", "localhost", "::1"]
+    for host in ("127.0.0.1:8000", "localhost", "LOCALHOST:80", "[::1]:8000"):
+        assert _status_of(check_host, host, local)[0] == 200, host
+    for host in ("evil.example:8000", None, ""):
+        assert _status_of(check_host, host, local)[:2] == (403, "host"), host
+    assert _status_of(check_host, "anything:1", None)[0] == 200  # no list: any Host
+
+
+def test_the_ingress_timeout_must_be_below_the_proxys():
+    import yaml
+
+    from mmfusion.errors import ConfigError
+    from mmfusion.serving.config import check_serve_config
+
+    raw = yaml.safe_load((REPO / "serve" / "local.yaml").read_text())
+    check_serve_config(raw)
+    args = raw["applications"][0].setdefault("args", {})
+    args["request_timeout_s"] = raw["http_options"]["request_timeout_s"]
+    with pytest.raises(ConfigError, match="request_timeout_s=30 must be below"):
+        check_serve_config(raw)

@@ -143,7 +143,7 @@ def test_a_bad_row_fails_alone(setup):
     runner = EncoderRunner(keep_encoder(art.model, "image"), art.cfg.data, "image", CPU)
     out = runner([good, b"\x89PNG\r\n\x1a\ncorrupt", b"", good[: len(good) // 2]])
     assert out[0].error is None and out[0].embedding.shape == (32,)
-    assert out[1].error == "not a recognised image format" and out[1].embedding is None
+    assert out[1].error.startswith("not a recognised image format") and out[1].embedding is None
     assert out[2].error == "empty (0 bytes)"
     assert "undecodable" in out[3].error  # a truncated PNG
     np.testing.assert_allclose(out[0].embedding, runner([good])[0].embedding, atol=1e-6)
@@ -200,6 +200,44 @@ def test_parts_are_pruned_and_checked(setup):
     assert sum(p.numel() for p in enc.parameters()) < full / 2
     fusion = FusionRunner(keep_fusion(load_artifact(art_dir).model), CPU)
     assert len(fusion.model.encoders) == 0
-    with pytest.raises(ValueError, match="unknown modalities"):
-        fusion([{"video": np.zeros(32, np.float32)}])
+    assert fusion([{"video": np.zeros(32, np.float32)}]) == [None]  # unknown modality: that row fails
     fusion.probe()
+
+
+def test_an_encoder_exception_fails_only_its_row(setup, monkeypatch):
+    """Not a decode error but the encoder itself failing (a bug, an OOM on one input): the batch is retried
+    row by row: the failing row gets a 503 (the ingress adds Retry-After), the others their embeddings."""
+    _, art_dir, _ = setup
+    art = load_artifact(art_dir)
+    runner = EncoderRunner(keep_encoder(art.model, "text"), art.cfg.data, "text", CPU)
+    alone = [runner([t])[0].embedding for t in ("one", "two")]
+    real = runner.preprocess
+
+    def poisoned(values):
+        if "POISON" in values:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(values)
+
+    monkeypatch.setattr(runner, "preprocess", poisoned)
+    out = runner(["one", "POISON", "two"])
+    assert (out[1].status, out[1].embedding) == (503, None) and "text encoder failed" in out[1].error
+    for o, a in zip([out[0], out[2]], alone, strict=True):
+        assert o.error is None
+        np.testing.assert_allclose(o.embedding, a, atol=1e-6)
+
+
+def test_a_fusion_exception_fails_only_its_row(setup, monkeypatch):
+    _, art_dir, _ = setup
+    fusion = FusionRunner(keep_fusion(load_artifact(art_dir).model), CPU)
+    real = fusion.model.fuse
+
+    def fuse(feats, present):
+        if any(bool(torch.isnan(v).any()) for v in feats.values()):
+            raise RuntimeError("NaN in the fusion input")
+        return real(feats, present)
+
+    monkeypatch.setattr(fusion.model, "fuse", fuse)
+    good = {"text": np.ones(32, np.float32)}
+    out = fusion([good, {"text": np.full(32, np.nan, np.float32)}, good])
+    assert out[1] is None and out[0] is not None and out[2] is not None
+    np.testing.assert_allclose(out[0], fusion([good])[0], atol=1e-6)

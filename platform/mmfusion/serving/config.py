@@ -25,6 +25,10 @@ from mmfusion.serving.schemas import ServeArgs
 log = logging.getLogger(__name__)
 
 APP_IMPORT_PATH = "mmfusion.serving.app:build_app"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# the Host names a server on a loopback address answers to: a web page that rebinds its own name to
+# 127.0.0.1 (DNS rebinding) sends its own name as Host and gets 403
+LOCAL_HOST_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -56,9 +60,15 @@ def check_serve_config(raw: dict[str, Any], source: str = "<config>") -> dict[st
         where = f"applications[{i}]"
         if app.get("import_path") == APP_IMPORT_PATH:
             try:
-                ServeArgs.model_validate(app.get("args") or {})
+                sargs = ServeArgs.model_validate(app.get("args") or {})
             except ValidationError as e:
                 problems.append(f"{where}.args: {_errors(e)}")
+            else:
+                proxy_timeout = (raw.get("http_options") or {}).get("request_timeout_s")
+                if isinstance(proxy_timeout, (int, float)) and sargs.request_timeout_s >= proxy_timeout > 0:
+                    problems.append(f"{where}.args.request_timeout_s={sargs.request_timeout_s:g} must be "
+                                    f"below http_options.request_timeout_s={proxy_timeout:g} (else "
+                                    "clients get the proxy's plain-text 408 instead of the JSON one)")
         for j, dep in enumerate(app.get("deployments") or []):
             if not isinstance(dep, dict) or (dep.get("name") == INGRESS and dep.get("user_config") is None):
                 continue  # every other deployment batches: with its user_config, else BatchConfig's defaults
@@ -129,4 +139,6 @@ def prepare_config(raw: dict[str, Any], artifact: str, host: str | None = None, 
         http["host"] = host
     if port is not None:
         http["port"] = port
+    if http.get("host", "127.0.0.1") in LOOPBACK and "allowed_hosts" not in args:
+        args["allowed_hosts"] = list(LOCAL_HOST_NAMES)  # a local server answers only to local names
     return check_serve_config(raw, source="<prepared config>")

@@ -29,15 +29,14 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 import mmfusion
 from mmfusion.serving.batching import BatchConfig, BatchStats
+from mmfusion.serving.guards import check_client_headers, check_host, check_origin
+from mmfusion.serving.http import multipart_parts, read_body
 from mmfusion.serving.schemas import (
     ErrorResponse,
-    FormPart,
     Health,
     Metadata,
     Prediction,
@@ -45,7 +44,6 @@ from mmfusion.serving.schemas import (
     RequestError,
     ServeArgs,
     check_api_key,
-    check_length,
     check_modalities,
     content_kind,
     inputs_from_parts,
@@ -179,11 +177,15 @@ api = FastAPI(
 )
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": desc} for code, desc in {
-        400: "undecodable input (corrupt image, not audio, invalid base64, not UTF-8, empty body)",
-        401: "missing or wrong API key", 413: "request body above max_request_bytes",
+        400: "undecodable input (corrupt image, not audio, invalid base64, not UTF-8, empty body, duplicate "
+             "JSON key, a reserved Ray header)",
+        401: "missing or wrong API key", 403: "Host not allowed, or a cross-origin browser request",
+        408: "the request took longer than the server's request_timeout_s",
+        413: "request body above max_request_bytes",
         415: "Content-Type is neither application/json nor multipart/form-data",
         422: "unknown field, no modality, a modality the model lacks, a silent clip",
-        503: "overloaded (a queue is full): retry after the Retry-After header's seconds"}.items()}
+        503: "overloaded (a queue is full), or a model replica failed or died: retry after the Retry-After "
+             "header's seconds"}.items()}
 _MULTIPART_SCHEMA = {"type": "object", "properties": {
     "image": {"type": "string", "format": "binary", "description": "encoded image file"},
     "audio": {"type": "string", "format": "binary", "description": "encoded audio file"},
@@ -205,46 +207,19 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """The JSON error shape even for a bug (the traceback goes to the replica's log, not to the client)."""
+    log.error("unexpected %s on %s %s: %s", type(exc).__name__, request.method, request.url.path, exc)
+    return JSONResponse(RequestError(500, "server", f"internal error ({type(exc).__name__})").payload(),
+                        status_code=500)
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": ["request"], "msg": "invalid request"}
     field = ".".join(str(x) for x in first.get("loc", ["request"])[1:]) or "request"
     return JSONResponse(RequestError(422, field, str(first.get("msg"))).payload(), status_code=422)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, at most `limit` bytes (413 above it, also when the client sends no Content-Length)."""
-    check_length(request.headers.get("content-length"), limit)
-    chunks, n = [], 0
-    async for chunk in request.stream():
-        n += len(chunk)
-        if n > limit:
-            raise RequestError(413, "body", f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _multipart_parts(request: Request, body: bytes, limit: int) -> list[FormPart]:
-    async def replay():  # the body was already read (and size-checked) above
-        yield body
-
-    parser = MultiPartParser(request.headers, replay(), max_files=8, max_fields=8, max_part_size=limit)
-    try:
-        form = await parser.parse()
-    except MultiPartException as e:
-        raise RequestError(400, "body", f"malformed multipart body ({e.message})") from None
-    except Exception as e:  # python-multipart's own parse errors
-        raise RequestError(400, "body", f"malformed multipart body ({type(e).__name__}: {e})") from None
-    parts = []
-    try:
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                parts.append(FormPart(name, await value.read(), True))
-            else:
-                parts.append(FormPart(name, value, False))
-    finally:
-        await form.close()
-    return parts
 
 
 @serve.deployment
@@ -279,12 +254,38 @@ class Ingress:
                             headers={"Retry-After": str(self.args.retry_after_s)})
 
     async def _call(self, coro: Any) -> Any:
+        """Await model replicas: a full queue, an unavailable deployment, a dead replica or an exception in
+        a replica is a 503 with Retry-After (the client may retry; Serve replaces failed replicas)."""
         try:
             return await coro
         except BackPressureError as e:
             raise self._overloaded("a model queue is full") from e
         except DeploymentUnavailableError as e:
             raise self._overloaded("a model deployment is unavailable") from e
+        except RequestError:
+            raise
+        except Exception as e:  # RayActorError (a replica died), a RayTaskError from a replica, ...
+            log.warning("a model replica failed: %s: %s", type(e).__name__, str(e)[:500])
+            raise self._overloaded(f"a model replica failed: {type(e).__name__}") from None
+
+    def _guard(self, request: Request) -> dict[str, str]:
+        """Host allow-list, Origin check and Ray's control headers, before any work. -> CORS headers to
+        add to the answer (for an allowed cross-origin caller)."""
+        host, origin = request.headers.get("host"), request.headers.get("origin")
+        check_host(host, self.args.allowed_hosts)
+        check_origin(origin, host, self.args.allowed_origins)
+        check_client_headers(list(request.headers.keys()))
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin else {}
+
+    @api.options("/v1/predict", include_in_schema=False)
+    @api.options("/v1/metadata", include_in_schema=False)
+    async def preflight(self, request: Request) -> JSONResponse:
+        """CORS preflight: allowed only for the server's own origin and allowed_origins."""
+        cors = self._guard(request)
+        return JSONResponse(None, status_code=204, headers={
+            **cors, "Access-Control-Allow-Methods": "GET, POST",
+            "Access-Control-Allow-Headers": "authorization, content-type, x-api-key",
+            "Access-Control-Max-Age": "600"})
 
     @api.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
     async def healthz(self) -> JSONResponse:
@@ -300,6 +301,7 @@ class Ingress:
     @api.get("/v1/metadata", response_model=Metadata, responses={401: _ERRORS[401]})
     async def metadata(self, request: Request) -> JSONResponse:
         """Labels, modalities, input limits, recorded accuracy, and each batched deployment's batch sizes."""
+        cors = self._guard(request)
         check_api_key(self.api_key, request.headers.get("authorization"), request.headers.get("x-api-key"))
         names = list(self.backends)
         stats = await self._call(asyncio.gather(*(self.backends[n].batch_stats.remote() for n in names)))
@@ -311,39 +313,56 @@ class Ingress:
             fusion=cfg.model.fusion.name, inputs=self.info.input_limits(),
             max_request_bytes=self.args.max_request_bytes, metrics=self.info.evaluation(),
             batching=dict(zip(names, stats, strict=True)))
-        return JSONResponse(meta.model_dump())
+        return JSONResponse(meta.model_dump(), headers=cors)
 
     @api.post("/v1/predict", response_model=Prediction, responses=_ERRORS, openapi_extra=_PREDICT_BODY)
     async def predict(self, request: Request) -> JSONResponse:
         """Classify one example from any non-empty subset of the model's modalities."""
+        cors = self._guard(request)
         check_api_key(self.api_key, request.headers.get("authorization"), request.headers.get("x-api-key"))
         kind = content_kind(request.headers.get("content-type"))
+        timeout = self.args.request_timeout_s
+        try:  # the server's own deadline, whatever the client's headers asked Ray's proxy for
+            async with asyncio.timeout(timeout):
+                pred = await self._predict(request, kind)
+        except TimeoutError:
+            raise RequestError(408, "server", f"the request took longer than {timeout:g} s "
+                                              "(request_timeout_s); nothing was computed for it") from None
+        return JSONResponse(pred.model_dump(), headers=cors)
+
+    async def _predict(self, request: Request, kind: str) -> Prediction:
         limit = self.args.max_request_bytes
-        body = await _read_body(request, limit)
+        body = await read_body(request, limit)
         if not body:
             raise RequestError(400, "body", "empty request body: send image, text and/or audio")
         inputs = parse_json_body(body) if kind == "json" else inputs_from_parts(
-            await _multipart_parts(request, body, limit))
+            await multipart_parts(request, body, limit))
         used = check_modalities(inputs, self.info.modalities)
         values = inputs.values()
         if self.args.topology == "single":
             out = await self._call(self.model.predict.remote(values))  # type: ignore[union-attr]
             if out.error is not None:
-                raise RequestError(out.status, out.modality, out.error)
+                raise self._row_error(out.status, out.modality or "server", out.error)
             probs, truncated, warnings = out.probabilities, out.truncated, out.warnings
         else:
             encoded = await self._call(asyncio.gather(*(self.encoders[m].encode.remote(values[m])
                                                         for m in used)))
             for m, enc in zip(used, encoded, strict=True):
                 if enc.error is not None:
-                    raise RequestError(enc.status, m, enc.error)
+                    raise self._row_error(enc.status, m, enc.error)
             truncated = [m for m, enc in zip(used, encoded, strict=True) if enc.warning]
             warnings = [enc.warning for enc in encoded if enc.warning]
             probs = await self._call(self.fusion.fuse.remote(  # type: ignore[union-attr]
                 {m: enc.embedding for m, enc in zip(used, encoded, strict=True)}))
+            if probs is None:
+                raise self._row_error(503, "server", "the fusion failed; retry later")
         idx = int(probs.argmax())
         labels = self.info.labels
-        pred = Prediction(label=labels[idx], index=idx,
+        return Prediction(label=labels[idx], index=idx,
                           probabilities={lab: float(p) for lab, p in zip(labels, probs, strict=True)},
                           modalities=used, truncated=truncated, warnings=warnings)
-        return JSONResponse(pred.model_dump())
+
+    def _row_error(self, status: int, field: str, message: str) -> RequestError:
+        """A replica's answer for one row as an HTTP error; a 503 (the model failed) says when to retry."""
+        headers = {"Retry-After": str(self.args.retry_after_s)} if status == 503 else None
+        return RequestError(status, field, message, headers=headers)

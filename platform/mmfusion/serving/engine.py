@@ -125,6 +125,20 @@ class EncoderRunner:
 
     @torch.inference_mode()
     def __call__(self, values: Sequence[bytes | str]) -> list[Encoded]:
+        """One Encoded per value. An unexpected failure (not a decode error) of a batch retries its rows one
+        by one, so only the row that fails gets an error (503: the encoder failed, not the input)."""
+        try:
+            return self._run(values)
+        except Exception as e:
+            if len(values) == 1:
+                log.warning("%s encoder failed on one row: %s: %s", self.modality, type(e).__name__, e)
+                return [Encoded(error=f"the {self.modality} encoder failed ({type(e).__name__}); retry later",
+                                status=503)]
+            log.warning("%s encoder failed on a batch of %d (%s): retrying row by row", self.modality,
+                        len(values), type(e).__name__)
+            return [self([v])[0] for v in values]
+
+    def _run(self, values: Sequence[bytes | str]) -> list[Encoded]:
         tensors, notes = self.preprocess(values)
         ok = [i for i, note in enumerate(notes) if note is None or note.error is None]
         out = [note if note is not None else Encoded() for note in notes]
@@ -165,7 +179,18 @@ class FusionRunner:
         self.dims = {m: int(model.fusion.in_dims[m]) for m in self.modalities}
 
     @torch.inference_mode()
-    def __call__(self, items: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    def __call__(self, items: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray | None]:
+        """(K,) probabilities per item; None for an item the fusion failed on alone (the batch is retried row
+        by row after a failure, so one bad row never fails its batch-mates)."""
+        try:
+            return list(self._run(items))
+        except Exception as e:
+            log.warning("fusion failed on a batch of %d: %s: %s", len(items), type(e).__name__, e)
+            if len(items) == 1:
+                return [None]
+            return [self([it])[0] for it in items]
+
+    def _run(self, items: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
         b = len(items)
         if b == 0:
             return []
@@ -221,6 +246,8 @@ class ModelRunner:
                     out[i].warnings.append(enc.warning)
         good = [i for i, p in enumerate(out) if p.error is None]
         for i, probs in zip(good, self.fusion([feats[i] for i in good]), strict=True):
+            if probs is None:
+                out[i].error, out[i].modality, out[i].status = "the fusion failed; retry later", "server", 503
             out[i].probabilities = probs
         return out
 

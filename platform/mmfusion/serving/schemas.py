@@ -52,6 +52,14 @@ class ServeArgs(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the replica was given a GPU
     torch_threads: int | None = Field(None, ge=1)  # intra-op threads per model replica; None: torch's default
     retry_after_s: int = Field(1, ge=0, le=3600)  # Retry-After on a 503 when an encoder's queue is full
+    # the ingress's own deadline for one request (JSON 408 after it), whatever the client's headers say; keep
+    # it below http_options.request_timeout_s so that clients get this JSON answer, not the proxy's plain one
+    request_timeout_s: float = Field(15.0, gt=0, le=3600)
+    # browsers: requests whose Origin is neither the server's own nor listed here get 403 (no CORS by default)
+    allowed_origins: list[str] = []
+    # Host header allow-list (hostnames, no port) against DNS rebinding; None: any. `mmfusion serve` on a
+    # loopback address fills in localhost names (serving.config.prepare_config)
+    allowed_hosts: list[str] | None = None
 
     def resolve_api_key(self) -> str | None:
         """The key clients must present, or None (no auth). Raises ConfigError if api_key_env is unset."""
@@ -78,6 +86,7 @@ class RequestError(Exception):
     """A client mistake: HTTP status, the field at fault ("image", "body", "content-type", ...), a message."""
 
     def __init__(self, status: int, field: str, message: str, headers: dict[str, str] | None = None) -> None:
+        field, message = printable(field, 64), printable(message, 1000)
         super().__init__(f"{status} {field}: {message}")
         self.status = status
         self.field = field
@@ -86,6 +95,13 @@ class RequestError(Exception):
 
     def payload(self) -> dict[str, Any]:
         return {"error": {"status": self.status, "field": self.field, "message": self.message}}
+
+
+def printable(s: str, limit: int) -> str:
+    """A client-supplied string made safe to echo in a JSON error: lone surrogates and other unencodable
+    characters as escapes (the response must encode as UTF-8), cut to `limit` characters."""
+    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s if len(s) <= limit else s[:limit] + "..."
 
 
 class ErrorBody(BaseModel):
@@ -180,6 +196,29 @@ def decode_base64(field: str, value: Any) -> bytes | None:
         raise RequestError(400, field, f"invalid base64 ({e})") from None
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: a key given twice is an error (json.loads would keep the last silently)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def check_utf8_text(text: str) -> None:
+    """400 when a text cannot be UTF-8 (a lone surrogate from a JSON \\ud800 escape): the tokenizers fail."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(400, "text", f"not valid Unicode (lone surrogate at position {e.start})") from None
+
+
 def parse_json_body(body: bytes) -> Inputs:
     """A JSON request body -> Inputs. 400: empty, not JSON, bad base64; 422: wrong shape, unknown field,
     type."""
@@ -188,7 +227,7 @@ def parse_json_body(body: bytes) -> Inputs:
                            "empty request body: send a JSON object with image, text and/or audio")
     try:
         # JSON is UTF-8 (RFC 8259); json.loads would guess UTF-16/32
-        obj = json.loads(body.decode("utf-8-sig"))
+        obj = json.loads(body.decode("utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
     except UnicodeDecodeError as e:
         raise RequestError(400, "body", f"the JSON body is not valid UTF-8 (byte 0x{body[e.start]:02x} at "
                                         f"position {e.start})") from None
@@ -197,6 +236,10 @@ def parse_json_body(body: bytes) -> Inputs:
                            f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise RequestError(400, "body", "JSON nested too deeply") from None
+    except _DuplicateKey as e:
+        raise RequestError(400, "body", f"duplicate key {e.key!r} in a JSON object") from None
+    except ValueError as e:  # an integer of more than 4,300 digits (sys.set_int_max_str_digits), ...
+        raise RequestError(400, "body", f"not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise RequestError(422, "body",
                            f"expected a JSON object with image, text and/or audio, got {_type_name(obj)}")
@@ -206,6 +249,8 @@ def parse_json_body(body: bytes) -> Inputs:
     text = obj.get("text")
     if text is not None and not isinstance(text, str):
         raise RequestError(422, "text", f"expected a string, got {_type_name(text)}")
+    if text is not None:
+        check_utf8_text(text)
     return Inputs(image=decode_base64("image", obj.get("image")), text=text,
                   audio=decode_base64("audio", obj.get("audio")))
 
