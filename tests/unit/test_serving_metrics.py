@@ -1,0 +1,90 @@
+"""Serving metrics middleware without Ray: the tags it records and the access-log line it writes."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+
+from mmfusion.serving import metrics as sm
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, dict]] = []
+
+    def inc(self, value: float = 1.0, tags: dict | None = None) -> None:
+        self.calls.append(("inc", value, tags or {}))
+
+    def observe(self, value: float, tags: dict | None = None) -> None:
+        self.calls.append(("observe", value, tags or {}))
+
+    def set(self, value: float, tags: dict | None = None) -> None:
+        self.calls.append(("set", value, tags or {}))
+
+
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.requests, self.latency, self.rejected = Recorder(), Recorder(), Recorder()
+        self.in_flight, self.batch = Recorder(), Recorder()
+        self.inside = 0
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    m = FakeMetrics()
+    monkeypatch.setattr(sm, "_metrics", m)
+    return m
+
+
+@pytest.fixture
+def client():
+    api = FastAPI()
+    api.middleware("http")(sm.observe_request)
+
+    @api.post("/v1/predict")
+    async def predict(request: Request) -> JSONResponse:
+        body = await request.json()
+        request.state.modalities = sorted(body)
+        if "bad" in body:
+            request.state.reject = body["bad"]  # a field name (here client-chosen: must not become a tag)
+            return JSONResponse({"error": {}}, status_code=422)
+        return JSONResponse({"label": "3"})
+
+    return TestClient(api)
+
+
+def test_requests_are_counted_by_status_and_modalities_and_timed(fake, client):
+    assert client.post("/v1/predict", json={"image": "x", "text": "secret words"}).status_code == 200
+    assert client.post("/v1/predict", json={"text": "t", "bad": "image"}).status_code == 422
+    assert client.post("/v1/predict", json={"text": "t", "bad": "zzz-made-up"}).status_code == 422
+    assert client.get("/wp-login.php").status_code == 404
+    reqs = [c[2] for c in fake.requests.calls]
+    assert reqs[0] == {"route": "/v1/predict", "method": "POST", "status": "200", "modalities": "image+text"}
+    assert reqs[1]["status"] == "422" and reqs[1]["modalities"] == "bad+text"
+    assert reqs[3] == {"route": "other", "method": "GET", "status": "404", "modalities": "none"}
+    assert [c[2]["status"] for c in fake.latency.calls] == ["200", "422", "422", "404"]
+    assert all(c[1] >= 0 for c in fake.latency.calls)
+    assert [c[2]["reason"] for c in fake.rejected.calls] == ["image", "other", "request"]
+    assert fake.inside == 0 and fake.in_flight.calls[-1][1] == 0
+
+
+def test_the_access_log_line_has_the_request_but_never_its_content(fake, client, caplog):
+    caplog.set_level(logging.INFO, logger="mmfusion.serving.access")
+    client.post("/v1/predict", json={"image": "aGVsbG8=", "text": "secret words"},
+                headers={"x-request-id": "req-42"})
+    [line] = [r.getMessage() for r in caplog.records if r.name == "mmfusion.serving.access"]
+    assert line.startswith("method=POST path=/v1/predict status=200 latency_ms=")
+    assert "modalities=image+text" in line and "request_id=req-42" in line and "reject=-" in line
+    assert "secret" not in line and "aGVsbG8" not in line
+
+
+def test_batch_sizes_feed_the_histogram_and_metadata_counters(fake):
+    b = sm.BatchSizes()
+    b.add(3)
+    b.add(1)
+    assert [c[1] for c in fake.batch.calls] == [3, 1]
+    assert b.as_dict()["rows"] == 4 and b.as_dict()["max_batch"] == 3
