@@ -35,6 +35,7 @@ import mmfusion
 from mmfusion.serving.batching import BatchConfig, BatchStats
 from mmfusion.serving.guards import check_client_headers, check_host, check_origin
 from mmfusion.serving.http import multipart_parts, read_body
+from mmfusion.serving.metrics import BatchSizes, observe_request
 from mmfusion.serving.schemas import (
     ErrorResponse,
     Health,
@@ -117,7 +118,7 @@ class Encoder(_Replica):
         art, dev = _load_model(artifact, device, torch_threads)
         self.runner = EncoderRunner(keep_encoder(art.model, modality), art.cfg.data, modality, dev)
         self.runner.probe()  # fail at start, not on the first request
-        self.stats = BatchStats()
+        self.stats = BatchSizes()
         log.info("%s encoder ready on %s", modality, dev)
 
     @serve.batch(max_batch_size=BATCH.max_batch_size, batch_wait_timeout_s=BATCH.batch_wait_timeout_s)
@@ -138,7 +139,7 @@ class Fusion(_Replica):
         art, dev = _load_model(artifact, device, torch_threads)
         self.runner = FusionRunner(keep_fusion(art.model), dev)
         self.runner.probe()
-        self.stats = BatchStats()
+        self.stats = BatchSizes()
 
     @serve.batch(max_batch_size=BATCH.max_batch_size, batch_wait_timeout_s=BATCH.batch_wait_timeout_s)
     async def fuse(self, items: list[dict[str, Any]]) -> list[Any]:  # {modality: (D,)} -> (K,) probabilities
@@ -158,7 +159,7 @@ class Model(_Replica):
         art, dev = _load_model(artifact, device, torch_threads)
         self.runner = ModelRunner(art.model, art.cfg.data, dev)
         self.runner.probe()
-        self.stats = BatchStats()
+        self.stats = BatchSizes()
 
     @serve.batch(max_batch_size=BATCH.max_batch_size, batch_wait_timeout_s=BATCH.batch_wait_timeout_s)
     async def predict(self, items: list[dict[str, bytes | str]]) -> list[Any]:  # -> list[messages.Predicted]
@@ -195,8 +196,12 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": PredictJSON.model_json_schema()}}}}
 
 
+api.middleware("http")(observe_request)  # Prometheus metrics and the access-log line (serving/metrics.py)
+
+
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+    request.state.reject = exc.field  # the rejected-inputs counter's reason
     return JSONResponse(exc.payload(), status_code=exc.status, headers=exc.headers)
 
 
@@ -338,6 +343,7 @@ class Ingress:
         inputs = parse_json_body(body) if kind == "json" else inputs_from_parts(
             await multipart_parts(request, body, limit))
         used = check_modalities(inputs, self.info.modalities)
+        request.state.modalities = used  # the request counter's modality subset
         values = inputs.values()
         if self.args.topology == "single":
             out = await self._call(self.model.predict.remote(values))  # type: ignore[union-attr]
