@@ -9,7 +9,7 @@ import time
 
 import pytest
 import requests
-from tests.e2e.test_serve import app_config, free_port, post
+from tests.e2e.test_serve import REPO, app_config, free_port, post
 from tests.unit.test_serving_engine import make_artifact
 
 from mmfusion.data.readers import read_records
@@ -64,3 +64,7 @@ def test_requests_by_status_latency_and_batch_sizes_reach_the_prometheus_endpoin
     for pattern in (ok, rejected, reason, latency, batches, serve_latency):
         assert re.search(pattern, text), pattern
     assert re.search(r'ray_mmfusion_requests_total\{[^}]*modalities="text"[^}]*status="200"', text)
+    # every series the Grafana dashboard charts exists on the endpoint
+    dashboard = (REPO / "deploy" / "grafana" / "mmfusion-serving.json").read_text()
+    names = set(re.findall(r"\b(ray_[a-z_]+)\{", dashboard))
+    assert names and not [n for n in names if not re.search(rf"^{n}\{{", text, re.M)]

@@ -88,3 +88,21 @@ def test_batch_sizes_feed_the_histogram_and_metadata_counters(fake):
     b.add(1)
     assert [c[1] for c in fake.batch.calls] == [3, 1]
     assert b.as_dict()["rows"] == 4 and b.as_dict()["max_batch"] == 3
+
+
+def test_the_grafana_dashboard_charts_the_metrics_this_module_exports():
+    import json
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "mmfusion-serving.json"
+    dash = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(exprs) >= 8 and all(p["datasource"]["uid"] == "${datasource}" for p in dash["panels"])
+    used = {re.sub(r"_(bucket|sum|count|total)$", "", n)
+            for n in re.findall(r"ray_(mmfusion_[a-z_]+)\{", " ".join(exprs))}
+    exported = {"mmfusion_requests", "mmfusion_request_latency_seconds", "mmfusion_rejected",
+                "mmfusion_requests_in_flight", "mmfusion_batch_size"}
+    assert used == exported
+    source = Path(sm.__file__).read_text()
+    assert all(f'"{name}"' in source for name in exported)
