@@ -1,7 +1,8 @@
 """The batch contract: the one definition of the modalities and of the keys, dtypes and shapes of a batch.
 
 A model-ready batch is a dict keyed by name (numpy from preprocessing, torch after collation):
-    "image":     float32 (B, C, H, W)   normalized pixels
+    "image":     float32 (B, C, H, W)   normalized pixels (preprocessed and stored as uint8 (B, C, H, W);
+                                        the collate step normalizes them with InputSpec.image_mean/std)
     "text":      int64   (B, L)         token ids, padded with pad_id
     "text_mask": int64   (B, L)         1 for real tokens, 0 for padding
     "audio":     float32 (B, 1, F, T)   log-mel or MFCC frames
@@ -32,7 +33,8 @@ INPUT_KEYS: dict[str, tuple[str, ...]] = {
 PRESENT = "present"
 LABEL = "label"
 
-# dtype of every batch key, as numpy/torch dtype names ("float32" is both np.float32 and torch.float32)
+# dtype of every batch key after collation, as numpy/torch dtype names ("float32" is both np.float32 and
+# torch.float32)
 DTYPES: dict[str, str] = {
     "image": "float32",  # (B, C, H, W)
     "text": "int64",  # (B, L)
@@ -41,6 +43,9 @@ DTYPES: dict[str, str] = {
     PRESENT: "bool",  # (B, M)
     LABEL: "int64",  # (B,)
 }
+# dtype of the keys as preprocessed (Ray Data's Preprocessor output, what the object store holds) where it
+# differs from DTYPES: images stay uint8 until the worker, 4x smaller than float32
+STORED_DTYPES: dict[str, str] = {**DTYPES, "image": "uint8"}
 
 
 def input_keys(modalities: Iterable[str]) -> tuple[str, ...]:
@@ -56,6 +61,8 @@ class InputSpec:
 
     modalities: tuple[str, ...]  # canonical order: image, text, audio (those configured)
     image_shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W)
+    image_mean: tuple[float, ...] = (0.5,)  # per channel (C,) or one value: uint8 / 255 -> (x - mean) / std
+    image_std: tuple[float, ...] = (0.5,)
     vocab_size: int = 259
     pad_id: int = 0
     max_text_len: int = 32

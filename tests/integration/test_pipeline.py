@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ray.data.dataset import MaterializedDataset
 from tests.unit.test_records import acceptance_manifest
 
 from mmfusion.config import DataConfig, load_config
-from mmfusion.data import pipeline, rejects
+from mmfusion.data import pipeline, plan, rejects
 from mmfusion.data.pipeline import build_datasets, iter_torch_batches
 from mmfusion.errors import DataError
 
@@ -22,19 +23,26 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_acceptance3_bad_rows_rejected_good_rows_flow(ray_local, tmp_path: Path,
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_acceptance3_bad_rows_rejected_good_rows_flow(ray_local, tmp_path: Path, cache: str,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture):
+    """Materialized (memory) and streamed (none: val carved out before preprocessing) give the same rows."""
     # + a truncated PNG, an empty WAV, a missing file, Latin-1 text
     manifest = acceptance_manifest(tmp_path, good=12)
     # the path big datasets take: several read units, blocks cut small and spread over two Preprocessor actors
-    monkeypatch.setattr(pipeline, "ROWS_PER_ACTOR", 8)
+    monkeypatch.setattr(plan, "MIN_ROWS_PER_ACTOR", 8)
     monkeypatch.setattr(pipeline, "PREPROCESS_BLOCK", 4)
     monkeypatch.setattr(pipeline, "MANIFEST_UNIT_ROWS", 6)
-    cfg = DataConfig(path=str(manifest), max_bad_fraction=0.3, val_fraction=0.25)
+    cfg = DataConfig(path=str(manifest), max_bad_fraction=0.3, val_fraction=0.25, cache=cache)
     with caplog.at_level(logging.INFO, logger="mmfusion.data.pipeline"):
-        bundle = build_datasets(cfg, seed=3)
-    assert "preprocessing 16 rows with up to 2 actor(s)" in caplog.text
+        bundle = build_datasets(cfg, seed=3, train_cpus=1)
+    assert bundle.cache == cache and f"data.cache={cache}" in caplog.text
+    # the machine's cores: all for the pool before training (memory), all but the 1-CPU worker's beside it
+    # (none); and 16 rows in blocks of 8 at least per actor: at most 2
+    actors = plan.preprocess_actors(pipeline._cluster_cpus(), 1 if cache == "none" else 0, 16)
+    assert f"preprocessing 16 rows (train, val) with up to {actors} actor(s)" in caplog.text
+    assert isinstance(bundle.train, MaterializedDataset) == (cache == "memory")
 
     assert (bundle.num_rows, bundle.num_rejected) == (16, 4)
     assert bundle.rejects_path == tmp_path / "manifest.rejects.jsonl"
@@ -142,3 +150,40 @@ def test_audio_standardized_with_train_statistics(ray_local, avt_tiny: Path):
     piped = np.sort(present_audio(bundle.test).sum(axis=(1, 2, 3)))
     np.testing.assert_allclose(offline, piped, rtol=1e-5, atol=1e-3)
 
+
+
+def test_cache_none_streams_the_same_rows_as_memory(ray_local, avt_tiny: Path):
+    """Same rows, labels, class counts and (after the collate step) the same tensors either way."""
+    cfg = load_config(REPO / "jobs" / "configs" / "avt_digits.yaml", [f"data.path={avt_tiny}"]).data
+
+    def build(cache: str) -> tuple[tuple, dict[str, np.ndarray]]:
+        data = cfg.model_copy(update={"cache": cache}, deep=True)
+        bundle = build_datasets(data, splits=("train", "val"))
+        val = next(iter(iter_torch_batches(bundle.val, batch_size=10_000, spec=bundle.spec)))
+        val = {k: v.numpy() for k, v in val.items()}
+        keys = [b"".join(val[k][i].tobytes() for k in ("label", "text", "image"))
+                for i in range(len(val["label"]))]
+        order = sorted(range(len(keys)), key=keys.__getitem__)  # rows come in any order
+        counts = (bundle.train_rows, bundle.val_rows, tuple(bundle.class_counts), data.audio.stats)
+        return counts, {k: v[order] for k, v in val.items()}
+
+    (*mem_counts, mem_stats), mem = build("memory")
+    (*none_counts, none_stats), streamed = build("none")
+    assert mem_counts == none_counts and mem_counts[1] > 0
+    np.testing.assert_allclose(none_stats.mean, mem_stats.mean, rtol=1e-6)  # the same train rows measured
+    for k in mem:
+        np.testing.assert_allclose(streamed[k], mem[k], atol=1e-5, err_msg=k)
+
+
+def test_global_shuffle_reorders_train_every_epoch(ray_local, avt_tiny: Path):
+    cfg = load_config(REPO / "jobs" / "configs" / "avt_digits.yaml",
+                      [f"data.path={avt_tiny}", "data.shuffle=global", "data.modalities=[text]"]).data
+    bundle = build_datasets(cfg, splits=("train",), seed=5)
+
+    def epoch() -> list[tuple[int, ...]]:
+        return [tuple(r) for b in bundle.train.iter_batches(batch_size=None, batch_format="numpy")
+                for r in b["text"].tolist()]
+
+    first, second = epoch(), epoch()
+    assert len(first) == bundle.train_rows and sorted(first) == sorted(second)  # the same rows
+    assert first != second  # in a new order

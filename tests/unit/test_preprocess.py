@@ -358,9 +358,9 @@ def test_collate_to_the_torch_batch_contract():
     from mmfusion.data.pipeline import MMCollate
 
     cfg = DataConfig(path="x", modalities=["image", "text"])
-    out = Preprocessor(cfg, labels=["1", "2"])({"image": np.array([png(), None], dtype=object),
-                                                 "text": np.array(["a", "b"], dtype=object),
-                                                 "label": np.array(["2", "1"], dtype=object)})
+    pre = Preprocessor(cfg, labels=["1", "2"], uint8_images=True)  # as the Ray Data pipeline stores rows
+    out = pre({"image": np.array([png(), None], dtype=object), "text": np.array(["a", "b"], dtype=object),
+               "label": np.array(["2", "1"], dtype=object)})
     batch = {k: v for k, v in out.items() if k not in ("id", "error")}
     for v in batch.values():
         v.setflags(write=False)  # Ray hands out read-only arrays
@@ -374,3 +374,39 @@ def test_collate_to_the_torch_batch_contract():
     assert t["label"].tolist() == [1, 0] and t["present"].tolist() == [[True, True], [False, True]]
     with pytest.raises(DataError, match=r"batch lacks \['text_mask'\]"):
         collate({k: v for k, v in batch.items() if k != "text_mask"})
+    with pytest.raises(DataError, match="uint8 images need the InputSpec"):
+        MMCollate()(batch)
+
+
+def test_uint8_images_normalized_in_collate_as_serving_normalizes_them():
+    """The object store holds uint8 pixels (1 byte each, not 4); the collate step and serving's image_batch
+    produce the same float32 model input from them."""
+    import torch
+
+    from mmfusion.data.image import image_batch, image_pixels
+    from mmfusion.data.pipeline import MMCollate
+
+    def rgb_noise(seed: int, size: tuple[int, int]) -> bytes:
+        arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr, mode="RGB").save(buf, format="PNG")
+        return buf.getvalue()
+
+    cfg = DataConfig(path="x", modalities=["image"],
+                     image={"size": 12, "channels": 3, "mean": [0.2, 0.4, 0.6], "std": [0.3, 0.2, 0.1]})
+    values = [rgb_noise(0, (20, 16)), None, b"junk", rgb_noise(1, (12, 12))]
+    pixels, errors = image_pixels(values, cfg.image)
+    assert pixels.dtype == np.uint8 and pixels.shape == (4, 3, 12, 12) and pixels.nbytes == 4 * 3 * 12 * 12
+    served, served_errors = image_batch(values, cfg.image)
+    assert served_errors == errors and errors[2] is not None
+    out = Preprocessor(cfg, uint8_images=True)({"image": np.array(values, dtype=object)})
+    np.testing.assert_array_equal(out["image"], pixels)  # what the Ray Data pipeline stores
+    np.testing.assert_array_equal(Preprocessor(cfg)({"image": np.array(values, dtype=object)})["image"],
+                                  served)  # in-process users (evaluation) get normalized float32
+    offline = MMCollate(input_spec(cfg))({"image": out["image"], "present": out["present"]})["image"]
+    assert offline.dtype == torch.float32 and offline.shape == (4, 3, 12, 12)
+    np.testing.assert_array_equal(offline.numpy(), served)  # bit for bit: one normalization
+    mean = np.array([0.2, 0.4, 0.6], np.float32)[:, None, None]
+    std = np.array([0.3, 0.2, 0.1], np.float32)[:, None, None]
+    np.testing.assert_allclose(served[0], (pixels[0].astype(np.float32) / 255 - mean) / std, atol=1e-5)
+    assert not served[1].any() and not served[2].any()  # missing and undecodable rows: zeros

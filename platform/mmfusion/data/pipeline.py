@@ -1,23 +1,22 @@
 """The Ray Data pipeline: records -> preprocessed, validated train/val(/test) datasets -> collated torch
 batches.
 
-    summarize (driver: columns, rows per split, labels)
+    summarize (driver: columns, rows per split, labels); data.cache auto -> memory | none (plan.py)
       -> from_items(read units).map_batches(read + load media, TaskPoolStrategy)        # readers.py
-      -> map_batches(Preprocessor, ActorPoolStrategy, batch_format="numpy")             # preprocessor.py
-      -> materialize once: rejects counted and written, max_bad_fraction enforced
+      -> map_batches(Preprocessor, ActorPoolStrategy sized to the free CPUs)            # preprocessor.py
+      -> memory: materialize once | none: stream
+      -> one pass over the small columns: rejects counted and written, max_bad_fraction enforced, val carved
+         out of train by a seeded id hash when the data has none, class counts
       -> (training) audio feature mean/std measured on the train split, stored in cfg.audio.stats, applied
-      -> per-split datasets (val carved out of train by a seeded id hash when the data has none)
-    MMCollate turns numpy batches into the torch batch contract of mmfusion.batch.
-
-The datasets are materialized after preprocessing: every epoch then reads decoded tensors instead of decoding
-again, and the bad-row fraction is known before training starts.
+      -> per-split datasets: memory: materialized (every epoch reads tensors, no decoding again);
+         none: lazy, re-read and re-preprocessed every epoch (object-store use independent of row count)
+      -> data.shuffle=global: train re-shuffled every epoch
+    MMCollate turns numpy batches into the torch batch contract of mmfusion.batch (uint8 images normalized).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,14 +29,15 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 import torch
-from ray.data import ActorPoolStrategy, TaskPoolStrategy
+from ray.data import ActorPoolStrategy, RandomSeedConfig, TaskPoolStrategy
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import col
 
 from mmfusion.batch import DTYPES, InputSpec, input_keys
 from mmfusion.config import AudioStats, DataConfig
-from mmfusion.data import readers, rejects, schema
+from mmfusion.data import plan, readers, rejects, schema
 from mmfusion.data.audio import fit_stats, standardize
+from mmfusion.data.image import normalize_images
 from mmfusion.data.preprocessor import EMPTY_ROW, META_COLUMNS, Preprocessor, input_spec
 from mmfusion.data.text import load_tokenizer
 from mmfusion.errors import DataError
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 PREPROCESS_BATCH = 128  # rows per Preprocessor call: amortizes the vectorised torch work
 READ_CPUS = 0.5  # per read task (I/O-bound) when reads run apart from the Preprocessor actors
 PREPROCESS_BLOCK = 512  # rows per block handed to a Preprocessor actor
-ROWS_PER_ACTOR = 4096  # one more actor per this many rows: an actor costs seconds to start (torch imports)
 MANIFEST_UNIT_ROWS = 1024  # JSONL/CSV records per read task (each loads the media files its rows name)
 
 
@@ -65,10 +64,11 @@ class DatasetBundle:
     val_rows: int = 0
     test_rows: int = 0
     class_counts: list[int] = field(default_factory=list)  # train rows per label index; [] without train
+    cache: str = "memory"  # memory: the datasets are materialized; none: they stream from the files
 
 
 def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), seed: int = 0,
-                   labels: list[str] | None = None) -> DatasetBundle:
+                   labels: list[str] | None = None, train_cpus: float = 0.0) -> DatasetBundle:
     """Read, decode and preprocess the dataset at cfg.path into Ray Datasets of model-ready rows.
 
     Args:
@@ -78,6 +78,13 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
         seed: the experiment seed (val carve-out only).
         labels: class names to index labels with (an artifact's labels at evaluation time); default: the
             sorted unique labels of the train split.
+        train_cpus: the CPUs training will hold while the data streams (data.cache none): the
+            preprocessing pool gets the rest of the cluster's CPUs.
+    data.cache: memory materializes the preprocessed splits once (every epoch then reads tensors); none
+    streams them from the files every epoch (object-store use bounded by the blocks in flight, whatever the
+    row count); auto picks from the estimated preprocessed size against the object store and logs why. Both
+    make one pass first (rows, rejects, the bad-row threshold, the val carve-out, class counts).
+    data.shuffle=global: the train dataset is re-shuffled as a whole every epoch (seeded).
     Training (labels not given, "train" requested): when audio is configured with data.audio.normalize and
     without data.audio.stats, the mean/std of the train split's features are measured here, written into
     `cfg.audio.stats` (so the experiment config saved in the artifact carries them) and applied to every
@@ -116,60 +123,94 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
     read_splits = sorted(set(splits) | ({"train"} if carve_val else set()))
     tokenizer = load_tokenizer(cfg.text) if "text" in cfg.modalities else None
     spec = input_spec(cfg, tokenizer)  # fails fast on a bad preprocessing config, before any actor starts
+    rows = sum(n for s, n in summary.rows.items() if s in read_splits)
+    mode, why = plan.choose_cache(cfg.cache, rows * plan.estimated_row_bytes(spec), _object_store_bytes())
+    log.info("%s", why)
+    actors = plan.preprocess_actors(_cluster_cpus(), train_cpus if mode == "none" else 0.0, rows)
 
-    processed = _preprocessed(cfg, summary, read_splits, labels).materialize()
-    num_rows = processed.count()
-    bad_rows = processed.filter(expr=col("error") != "").select_columns([*META_COLUMNS, "error"])
-    bad = bad_rows.take_all()
-    empty = [r for r in bad if str(r["error"]).startswith(EMPTY_ROW)]  # fine rows, just not for this model
-    bad = [r for r in bad if not str(r["error"]).startswith(EMPTY_ROW)]
-    rejects_path = _write_rejects(cfg, bad)
-    log.info("read %d rows (%s) from %s; %d rejected", num_rows, ", ".join(read_splits), cfg.path, len(bad))
-    if empty:
-        log.info("%d rows have none of data.modalities %s and are skipped", len(empty), cfg.modalities)
-    rejects.check_bad_fraction(len(bad), num_rows - len(empty), cfg.max_bad_fraction, rejects_path)
-
-    good = processed.filter(expr=col("error") == "")
+    processed = _preprocessed(cfg, summary, read_splits, labels, actors)
+    if mode == "memory":  # every epoch reads tensors instead of decoding again
+        processed = processed.materialize()
+    stats = _row_stats(processed, seed, cfg.val_fraction if carve_val else None, len(labels))
+    rejects_path = _write_rejects(cfg, stats.bad)
+    log.info("read %d rows (%s) from %s; %d rejected", stats.num_rows, ", ".join(read_splits), cfg.path,
+             len(stats.bad))
+    if stats.empty:
+        log.info("%d rows have none of data.modalities %s and are skipped", stats.empty, cfg.modalities)
+    rejects.check_bad_fraction(len(stats.bad), stats.num_rows - stats.empty, cfg.max_bad_fraction,
+                               rejects_path)
     if carve_val:
-        threshold = _val_threshold(good, cfg.val_fraction, seed)
         log.info("no val split in %s: using %.0f%% of train as val (seed %d)", cfg.path,
                  100 * cfg.val_fraction, seed)
-        good = good.map_batches(_carve_val, batch_format="pyarrow",
-                                fn_kwargs={"seed": seed, "threshold": threshold})
+    carve = {"seed": seed, "threshold": stats.threshold}
+
+    def good_rows(split: str) -> ray.data.Dataset:
+        """The split's decodable rows: from the materialized rows (memory), or a fresh stream from the
+        files that is carved and filtered before preprocessing, so val costs its own rows only (none)."""
+        if mode == "memory":
+            ds = processed.filter(expr=col("error") == "")
+            if carve_val:
+                ds = ds.map_batches(_carve_val, batch_format="pyarrow", fn_kwargs=carve)
+            return ds.filter(expr=col("split") == split)
+        source = "train" if carve_val and split == "val" else split
+        return _preprocessed(cfg, summary, [source], labels, actors, carve if carve_val else None,
+                             split).filter(expr=col("error") == "")
+
+    good = {s: good_rows(s) for s in splits}
     if fit_audio:
-        good = _standardize_audio(good, cfg)
-    drop = [c for c in (*META_COLUMNS, "error") if c in processed.columns()]
-
+        cfg.audio.stats = _fit_audio_stats(good["train"], cfg)
+        if cfg.audio.stats is not None:
+            good = {s: _apply_audio(d, cfg) for s, d in good.items()}
+    drop = [*META_COLUMNS, "error"]  # every Preprocessor output over RECORD_SCHEMA records has them
     out: dict[str, ray.data.Dataset | None] = {s: None for s in schema.SPLITS}
-    for s in splits:  # materialized: epochs read tensors directly, and the unsplit blocks can be freed
-        out[s] = good.filter(expr=col("split") == s).drop_columns(drop).materialize()
-    rows = {s: (d.count() if d is not None else 0) for s, d in out.items()}
-    if "val" in splits and rows["val"] == 0:
+    for s in splits:
+        out[s] = good[s].drop_columns(drop)
+        if mode == "memory":  # the unsplit blocks can then be freed
+            out[s] = out[s].materialize()
+    if "val" in splits and stats.rows["val"] == 0:
         log.warning("the val split of %s is empty", cfg.path)
-    counts = _class_counts(out["train"], len(labels)) if out["train"] is not None else []
+    if out["train"] is not None and cfg.shuffle == "global":  # a new order every epoch, reproducible
+        out["train"] = out["train"].random_shuffle(
+            seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return DatasetBundle(train=out["train"], val=out["val"], test=out["test"], labels=labels, spec=spec,
-                         num_rejected=len(bad), num_rows=num_rows, rejects_path=rejects_path,
-                         train_rows=rows["train"], val_rows=rows["val"], test_rows=rows["test"],
-                         class_counts=counts)
+                         num_rejected=len(stats.bad), num_rows=stats.num_rows, rejects_path=rejects_path,
+                         train_rows=stats.rows["train"] if "train" in splits else 0,
+                         val_rows=stats.rows["val"] if "val" in splits else 0,
+                         test_rows=stats.rows["test"] if "test" in splits else 0,
+                         class_counts=stats.class_counts if "train" in splits else [], cache=mode)
 
 
-def _standardize_audio(good: ray.data.Dataset, cfg: DataConfig) -> ray.data.Dataset:
-    """Measure the audio feature mean/std over the train rows that have audio (a per-batch sum and sum of
-    squares, added up on the driver), store them in cfg.audio.stats and standardize every split with them."""
+def _row_stats(processed: ray.data.Dataset, seed: int, val_fraction: float | None,
+               num_classes: int) -> plan.SplitStats:
+    """One pass over the small columns of the preprocessed rows: rows, rejects, val carve-out, counts.
+    Over streamed data (data.cache=none) this pass preprocesses every row once, keeping none of it."""
+    stats = plan.RowStats(EMPTY_ROW)
+    columns = [*META_COLUMNS, "label", "error"]
+    for batch in processed.select_columns(columns).iter_batches(batch_size=8192, batch_format="numpy"):
+        stats.add(batch)
+    return stats.finish(seed, val_fraction, num_classes)
+
+
+def _fit_audio_stats(train: ray.data.Dataset, cfg: DataConfig) -> AudioStats | None:
+    """The audio feature mean/std over the train rows that have audio (a per-batch sum and sum of squares,
+    added up on the driver); None when no train row has audio."""
     column = list(cfg.modalities).index("audio")
-    parts = (good.filter(expr=col("split") == "train").select_columns(["audio", "present"])
+    parts = (train.select_columns(["audio", "present"])
              .map_batches(_audio_moments, batch_format="numpy", fn_kwargs={"column": column}).take_all())
     count = sum(int(p["count"]) for p in parts)
     if count == 0:
         log.warning("no train row of %s has audio: audio features are not standardized", cfg.path)
-        return good
+        return None
     sums = np.sum([p["sums"] for p in parts], axis=0)  # (F,) float64
     squares = np.sum([p["squares"] for p in parts], axis=0)
-    cfg.audio.stats = fit_stats(count, sums, squares, cfg.audio.normalize)
     log.info("audio features standardized (%s) with the mean/std of %d train frames", cfg.audio.normalize,
              count)
-    return good.map_batches(_apply_audio_stats, batch_format="numpy",
-                            fn_kwargs={"stats": cfg.audio.stats, "column": column})
+    return fit_stats(count, sums, squares, cfg.audio.normalize)
+
+
+def _apply_audio(ds: ray.data.Dataset, cfg: DataConfig) -> ray.data.Dataset:
+    return ds.map_batches(_apply_audio_stats, batch_format="numpy",
+                          fn_kwargs={"stats": cfg.audio.stats, "column": list(cfg.modalities).index("audio")})
 
 
 def _audio_moments(batch: dict[str, np.ndarray], column: int) -> dict[str, np.ndarray]:
@@ -184,20 +225,13 @@ def _apply_audio_stats(batch: dict[str, np.ndarray], stats: AudioStats, column: 
     return batch
 
 
-def _class_counts(ds: ray.data.Dataset, num_classes: int) -> list[int]:
-    """Rows per class index (K,) of a preprocessed split: class weights and the majority-class baseline."""
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for b in ds.select_columns(["label"]).iter_batches(batch_size=65536, batch_format="numpy"):
-        y = np.asarray(b["label"], dtype=np.int64)
-        counts += np.bincount(y[y >= 0], minlength=num_classes)[:num_classes]  # -1: unlabelled
-    return [int(c) for c in counts]
-
-
 def _preprocessed(cfg: DataConfig, summary: readers.DatasetSummary, splits: list[str], labels: list[str],
+                  actors: int, carve: dict[str, int] | None = None, keep: str | None = None,
                   ) -> ray.data.Dataset:
+    """Records of `splits` -> Preprocessor rows, over a pool of up to `actors` actors (lazy). carve (seed,
+    threshold) moves train rows to val before preprocessing, and keep then leaves only that split's rows."""
     units = [u.as_row() for u in readers.plan_units(summary.files, MANIFEST_UNIT_ROWS)]
     rows = sum(n for s, n in summary.rows.items() if s in splits)
-    actors = min(_cluster_cpus(), max(1, math.ceil(rows / ROWS_PER_ACTOR)))
     read_kwargs: dict[str, Any] = {}
     if cfg.read_parallelism > 0:
         read_kwargs["compute"] = TaskPoolStrategy(size=cfg.read_parallelism)
@@ -210,15 +244,22 @@ def _preprocessed(cfg: DataConfig, summary: readers.DatasetSummary, splits: list
         fn_kwargs={"label_column": cfg.label_column, "splits": splits, "modalities": list(cfg.modalities)},
         **read_kwargs,
     )
+    if carve is not None:
+        ds = ds.map_batches(_carve_val, batch_format="pyarrow", fn_kwargs=carve)
+    if keep is not None:
+        ds = ds.filter(expr=col("split") == keep)
     if actors > 1:
         ds = ds.repartition(target_num_rows_per_block=PREPROCESS_BLOCK)  # streaming, no shuffle
-    log.info("preprocessing %d rows with up to %d actor(s)", rows, actors)
+    log.info("preprocessing %d rows (%s) with up to %d actor(s)", rows, keep or ", ".join(splits), actors)
     return ds.map_batches(
         Preprocessor,
-        fn_constructor_kwargs={"cfg": cfg, "labels": labels, "num_threads": 1},
+        # a copy as it is now: the stream runs later, after build_datasets may have set cfg.audio.stats
+        # (which it applies in a step of its own)
+        fn_constructor_kwargs={"cfg": cfg.model_copy(deep=True), "labels": labels, "num_threads": 1,
+                               "uint8_images": True},
         batch_size=PREPROCESS_BATCH,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=1, max_size=actors),
+        compute=ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
     )
 
 
@@ -233,10 +274,21 @@ def _read_units(batch: pa.Table, label_column: str, splits: list[str], modalitie
                 yield readers.resolve_media(tb)
 
 
-def _cluster_cpus() -> int:
+def _cluster_cpus() -> float:
+    """The CPUs the preprocessing pool may use. A one-node cluster is this machine (an embedded cluster
+    advertises more logical CPUs than it has cores, so that Data and Train never deadlock): its cores."""
+    cores = float(max(1, os.cpu_count() or 1))
+    if not ray.is_initialized():
+        return cores
+    cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
+    return min(cpus, cores) if sum(1 for n in ray.nodes() if n.get("Alive")) == 1 else cpus
+
+
+def _object_store_bytes() -> float:
+    """The cluster's object store capacity (Ray's own default when Ray is not started yet: 30% of RAM)."""
     if ray.is_initialized():
-        return max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return max(1, os.cpu_count() or 1)
+        return float(ray.cluster_resources().get("object_store_memory", 0))
+    return 0.3 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _write_rejects(cfg: DataConfig, bad: list[dict[str, Any]]) -> Path | None:
@@ -246,30 +298,10 @@ def _write_rejects(cfg: DataConfig, bad: list[dict[str, Any]]) -> Path | None:
     return path
 
 
-def _id_hash(ids: list[str], seed: int) -> np.ndarray:
-    """Stable uint64 per id (blake2b of "seed:id"): order-independent, same on every node and run."""
-    digests = (hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest() for i in ids)
-    return np.array([int.from_bytes(d, "little") for d in digests], dtype=np.uint64)
-
-
-def _val_threshold(good: ray.data.Dataset, fraction: float, seed: int) -> int:
-    """The hash at or below which a train row moves to val, so that round(n * fraction) rows do."""
-    hashes = [
-        _id_hash([str(x) for x in b["id"]], seed)
-        for b in good.filter(expr=col("split") == "train").select_columns(["id"]).iter_batches(
-            batch_size=8192, batch_format="numpy")
-    ]
-    h = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
-    k = int(round(len(h) * fraction))
-    if fraction > 0 and len(h) >= 2:
-        k = min(max(k, 1), len(h) - 1)  # val gets at least one row, train keeps at least one
-    return -1 if k == 0 else int(h[k - 1])
-
-
 def _carve_val(tb: pa.Table, seed: int, threshold: int) -> pa.Table:
     if threshold < 0:
         return tb
-    to_val = _id_hash([str(x) for x in tb["id"].to_pylist()], seed) <= np.uint64(threshold)
+    to_val = plan.id_hash([str(x) for x in tb["id"].to_pylist()], seed) <= np.uint64(threshold)
     is_train = pc.equal(tb["split"], "train")
     split = pc.if_else(pc.and_(is_train, pa.array(to_val)), "val", tb["split"])
     return tb.set_column(tb.schema.get_field_index("split"), "split", split)
@@ -280,12 +312,15 @@ def _carve_val(tb: pa.Table, seed: int, threshold: int) -> pa.Table:
 
 class MMCollate(NumpyBatchCollateFn):
     """numpy batch -> dict[str, torch.Tensor] with the dtypes of the batch contract (mmfusion.batch).
-    Columns outside the contract (id, split, ...) are dropped."""
+    Columns outside the contract (id, split, ...) are dropped. uint8 images (as preprocessed and stored) are
+    normalized here, in the worker, with the spec's image_mean/std (mmfusion.data.image.normalize_images,
+    the function serving uses), so the object store holds 1 byte per pixel instead of 4."""
 
     DTYPES: dict[str, torch.dtype] = {k: getattr(torch, name) for k, name in DTYPES.items()}
 
     def __init__(self, spec: InputSpec | None = None) -> None:
         super().__init__()
+        self.spec = spec
         self.required: tuple[str, ...] = input_keys(spec.modalities) if spec is not None else ()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -297,8 +332,20 @@ class MMCollate(NumpyBatchCollateFn):
         for k, v in batch.items():
             dtype = self.DTYPES.get(k)
             if dtype is not None:  # writable + contiguous: torch.from_numpy shares memory without warnings
-                out[k] = torch.from_numpy(np.require(np.asarray(v), requirements=("C", "W"))).to(dtype)
+                x = torch.from_numpy(np.require(np.asarray(v), requirements=("C", "W")))
+                out[k] = self._image(x, batch) if k == "image" and x.dtype == torch.uint8 else x.to(dtype)
         return out
+
+    def _image(self, pixels: torch.Tensor, batch: dict[str, np.ndarray]) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> normalized float32 (B, C, H, W); rows without an image stay zeros."""
+        if self.spec is None or "image" not in self.spec.modalities:
+            raise DataError("uint8 images need the InputSpec (image_mean/std) to be normalized: "
+                            "pass spec to MMCollate / iter_torch_batches")
+        present = None
+        if "present" in batch:
+            present = torch.from_numpy(np.asarray(batch["present"], dtype=bool)[
+                :, self.spec.modalities.index("image")].copy())  # (B,)
+        return normalize_images(pixels, present, self.spec.image_mean, self.spec.image_std)
 
 
 def iter_torch_batches(ds: ray.data.Dataset | ray.data.DataIterator, batch_size: int,

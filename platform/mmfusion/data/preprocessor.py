@@ -23,7 +23,7 @@ from mmfusion.data.audio import (
     check_stats,
     feature_transform,
 )
-from mmfusion.data.image import background_rgb, image_batch, norm_stats
+from mmfusion.data.image import background_rgb, image_batch, image_pixels, norm_stats
 from mmfusion.data.labels import label_key
 from mmfusion.data.text import Tokenizer, load_tokenizer, text_batch
 
@@ -38,9 +38,10 @@ def input_spec(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> InputSpec
     mods = tuple(cfg.modalities)
     kwargs: dict[str, Any] = {}
     if "image" in mods:
-        norm_stats(cfg.image)  # a mean/std mismatch is a config error now, not in a Ray actor later
+        mean, std = norm_stats(cfg.image)  # a mean/std mismatch is a config error now, not in an actor later
         background_rgb(cfg.image)
-        kwargs["image_shape"] = (cfg.image.channels, cfg.image.size, cfg.image.size)
+        kwargs.update(image_shape=(cfg.image.channels, cfg.image.size, cfg.image.size),
+                      image_mean=tuple(mean), image_std=tuple(std))  # applied by the collate step
     if "text" in mods:
         tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.text)
         kwargs.update(vocab_size=int(tok.vocab_size), pad_id=int(tok.pad_id),
@@ -66,18 +67,22 @@ class Preprocessor:
     In:  "image" bytes|None, "text" str|bytes|None, "audio" bytes|None, optional "label", "id", "error" (a
          reason found by the reader, e.g. a missing file: the row is passed through as rejected), and the
          bookkeeping columns "split", "source", "row", which are passed through.
-    Out: "image" f32 (N,C,H,W), "text" i64 (N,L), "text_mask" i64 (N,L), "audio" f32 (N,1,F,T),
-         "present" bool (N,M), "label" i64 (N,) (index into labels; -1 when labels is None), "id" (N,),
+    Out: "image" f32 (N,C,H,W) (uint8 with uint8_images: MMCollate normalizes it), "text" i64 (N,L),
+         "text_mask" i64 (N,L), "audio" f32 (N,1,F,T), "present" bool (N,M), "label" i64 (N,) (index into
+         labels; -1 when labels is None), "id" (N,),
          "error" (N,) str: "" for a good row, else "<modality>: <reason>". Only configured modalities appear;
          a missing (None) or empty-text field is a missing modality: zeros and present=False. A row with none
          of them present is an error.
     """
 
     def __init__(self, cfg: DataConfig, labels: list[str] | None = None, num_threads: int | None = None,
-                 ) -> None:
+                 uint8_images: bool = False) -> None:
+        """uint8_images: leave images as decoded + resized uint8 pixels (the Ray Data pipeline: the object
+        store then holds 1 byte per pixel, and the collate step normalizes them in the worker)."""
         if num_threads is not None:  # Ray Data actors: one thread each, the pool provides the parallelism
             torch.set_num_threads(num_threads)
         self.cfg = cfg
+        self.uint8_images = uint8_images
         self.modalities = tuple(cfg.modalities)
         self.tokenizer = load_tokenizer(cfg.text) if "text" in self.modalities else None
         self.spec = input_spec(cfg, self.tokenizer)
@@ -95,7 +100,8 @@ class Preprocessor:
                 values = [None if (isinstance(v, (str, bytes)) and len(v) == 0) else v for v in values]
             values = [None if errors[i] else v for i, v in enumerate(values)]  # skip already-rejected rows
             if m == "image":
-                out["image"], errs = image_batch(values, self.cfg.image)
+                kernel = image_pixels if self.uint8_images else image_batch  # uint8 | normalized float32
+                out["image"], errs = kernel(values, self.cfg.image)
             elif m == "audio":
                 out["audio"], errs = audio_batch(values, self.cfg.audio)
             else:

@@ -125,11 +125,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start, tc.epochs):
         if state.stopped_early:
             break
-        batches = iter_torch_batches(train_shard, tc.batch_size, shuffle_seed=cfg.seed + epoch)
+        # spec: the collate step normalizes the uint8 images with its image_mean/std
+        batches = iter_torch_batches(train_shard, tc.batch_size, spec, shuffle_seed=cfg.seed + epoch)
         tr = train_one_epoch(model, batches, optimizer, scheduler, device, tc.precision, oc.grad_clip,
                              epoch=epoch, class_weight=weight, label_smoothing=oc.label_smoothing,
                              num_classes=len(labels), scaler=scaler)
-        va = evaluate(model, iter_torch_batches(val_shard, tc.batch_size), device, tc.precision,
+        va = evaluate(model, iter_torch_batches(val_shard, tc.batch_size, spec), device, tc.precision,
                       num_classes=len(labels))
         metrics = {"epoch": epoch, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
                    "val_accuracy": va.accuracy, "val_macro_f1": va.macro_f1,
