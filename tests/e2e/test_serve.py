@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import socket
 import threading
 import time
@@ -20,6 +22,9 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tests.unit.test_hostile_inputs import encoded, wav_declaring, zero_png
 from tests.unit.test_serving_engine import make_artifact, tone, wav_bytes
 
 from mmfusion.artifact import load_artifact
@@ -162,6 +167,7 @@ def _chunks(total: int, size: int = 1 << 20):
         yield b"a" * size
 
 
+JSON = {"Content-Type": "application/json"}
 BAD = {  # name: (request kwargs, status, field, words in the message)
     "corrupt image bytes": (dict(files={"image": ("x.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)}), 400,
                             "image", "image format"),
@@ -200,6 +206,28 @@ BAD = {  # name: (request kwargs, status, field, words in the message)
     "a bad modality beside good ones": (dict(files={"image": ("x.png", _png()), "text": (None, "seven"),
                                                     "audio": ("a.wav", b"RIFF\x00\x00")}), 400, "audio",
                                         "undecodable"),
+    # issue 13: hostile inputs
+    "duplicate JSON keys": (dict(data=b'{"text": "one", "text": "two"}', headers=JSON), 400, "body",
+                            "duplicate key"),
+    "a 5,000-digit integer": (dict(data=b'{"text": "one", "n": ' + b"9" * 5000 + b"}", headers=JSON), 400,
+                              "body", "not valid JSON"),
+    "a lone-surrogate key": (dict(data=b'{"\\ud800": 1}', headers=JSON), 422, "\\ud800", "unknown field"),
+    "non-UTF-8 multipart text": (dict(files={"text": (None, b"sept \xe9\xff")}), 400, "text",
+                                 "not valid UTF-8"),
+    "a client disabling the timeout": (dict(json={"text": "one"}, headers={"x-request-timeout-seconds": "0"}),
+                                       400, "x-request-timeout-seconds", "reserved"),
+    "a client keeping work after it leaves": (dict(json={"text": "one"}, headers={
+        "x-request-disconnect-disabled": "?1"}), 400, "x-request-disconnect-disabled", "reserved"),
+    "a cross-origin browser POST": (dict(files={"text": (None, "one")}, headers={
+        "Origin": "https://evil.example"}), 403, "origin", "cross-origin"),
+    "a DNS-rebound Host": (dict(json={"text": "one"}, headers={"Host": "rebound.evil.example:8000"}), 403,
+                           "host", "allowed_hosts"),
+    "audio declaring 2^31-1 Hz": (dict(files={"audio": ("a.wav", wav_declaring(2**31 - 1))}), 400, "audio",
+                                  "outside the accepted range"),
+    "the 8000x8000 zero PNG": (dict(files={"image": ("z.png", zero_png(8000, 8000))}), 400, "image",
+                               "too large (8000x8000"),
+    "an ICO image": (dict(files={"image": ("x.ico", encoded("ICO", sizes=[(16, 16)]))}), 400, "image",
+                     "not a recognised image format"),
 }
 
 
@@ -374,3 +402,153 @@ def test_encoder_autoscales_up_under_a_burst_and_back_down(server):
         time.sleep(0.5)
     assert (_running("scale", "ImageEncoder"), _others("scale", "ImageEncoder")) == (1, 0)
     assert post(url, files={"image": ("x.png", png)}).status_code == 200
+
+
+# --------------------------------------------------------------------- 5: hostile inputs and fuzzing
+
+
+def replica_memory(app: str) -> dict[str, dict[str, float]]:
+    """{deployment: {"rss_mib", "peak_mib"}} of each live replica of `app` (same machine: /proc), the
+    largest replica per deployment. VmHWM is the process's peak resident set."""
+    import ray
+    from ray.util.state import list_actors
+
+    out: dict[str, dict[str, float]] = {}
+    address = ray.get_runtime_context().gcs_address  # other Ray clusters may run on this machine
+    for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000):
+        prefix = f"ServeReplica:{app}:"
+        if not (a.class_name or "").startswith(prefix) or not a.pid:
+            continue
+        status = Path(f"/proc/{a.pid}/status").read_text()
+        kb = {ln.split(":")[0]: int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("Vm")}
+        name = a.class_name[len(prefix):]
+        mem = {"rss_mib": kb["VmRSS"] / 1024, "peak_mib": kb["VmHWM"] / 1024}
+        if name not in out or mem["peak_mib"] > out[name]["peak_mib"]:
+            out[name] = mem
+    return out
+
+
+def test_resampling_bombs_over_http_stay_within_the_budget(server):
+    """The 1.6 kB WAV declaring 10,001 Hz cost the audio replica 1.3 GB; odd in-range rates are now resampled
+    with a bounded kernel (200), and the replica's peak RSS grows by at most the documented 64 MiB."""
+    before = replica_memory("mm")["AudioEncoder"]["peak_mib"]
+    for rate in (10_001, 50_001, 191_999):
+        r = post(server, files={"audio": ("a.wav", wav_declaring(rate, seconds=1.0))})
+        assert r.status_code == 200, r.text
+    after = replica_memory("mm")["AudioEncoder"]["peak_mib"]
+    assert after - before <= 64, (before, after)
+
+
+FUZZ_CASES = int(os.environ.get("FUZZ_CASES", "300"))  # `make fuzz`: 5,000
+_HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
+
+
+def _mutate(data: bytes, flips: list[tuple[int, int]], cut: int) -> bytes:
+    b = bytearray(data[: max(1, cut)] if cut < len(data) else data)
+    for pos, val in flips:
+        b[pos % len(b)] = val
+    return bytes(b)
+
+
+def _fuzz_strategy():
+    rng = np.random.default_rng(0)
+    seeds = [_png(), tone(rng, 3), wav_declaring(10_001), wav_declaring(2**31 - 1), wav_declaring(44_100),
+             zero_png(5000, 5000), encoded("JPEG"), encoded("GIF"), encoded("ICO", sizes=[(16, 16)]),
+             encoded("TIFF"), wav_bytes(np.zeros(800, np.float32)), b"%!PS-Adobe-3.0 EPSF-3.0\n"]
+    blob = st.one_of(
+        st.sampled_from(seeds),
+        st.builds(_mutate, st.sampled_from(seeds), st.lists(st.tuples(st.integers(0, 1 << 16),
+                                                                      st.integers(0, 255)), max_size=8),
+                  st.integers(1, 1 << 16)),
+        st.binary(max_size=1024))
+    keys = st.one_of(st.sampled_from(["image", "text", "audio", "label", "", "\ud800", "Image"]),
+                     st.text(max_size=8))
+    value = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=60),
+                      blob.map(lambda b: base64.b64encode(b).decode()),
+                      st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                            max_size=2))
+    json_body = st.one_of(
+        st.dictionaries(keys, value, max_size=4).map(lambda d: json.dumps(d).encode()),
+        st.builds(lambda k, a, b: json.dumps({k: a})[:-1].encode() + b", " + json.dumps({k: b})[1:].encode(),
+                  keys, value, value),  # a key given twice
+        st.binary(max_size=512),
+        st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")))
+    name_chars = st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters='"\\')
+    part_name = st.one_of(st.sampled_from(["image", "text", "audio", "video"]),
+                          st.text(name_chars, max_size=8))
+    parts = st.lists(st.tuples(part_name, blob, st.booleans()), max_size=4)
+    headers = st.dictionaries(
+        st.sampled_from(["Content-Type", "Origin", "X-Request-Id", "X-Api-Key", "Authorization", "Accept",
+                         "Content-Encoding", "X-Request-Timeout-Seconds", "X-Request-Disconnect-Disabled",
+                         "Host", "Transfer-Encoding-Hint"]), _HEADER_TEXT, max_size=2)
+    # near-valid requests: the right fields, real or mutated media, so that many cases reach the models
+    media = {"image": st.sampled_from([_png(), encoded("JPEG"), encoded("GIF")]) | blob,
+             "audio": st.sampled_from([tone(rng, 1), wav_declaring(10_001), wav_declaring(44_100)]) | blob,
+             "text": st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass"))}
+    fields = st.lists(st.sampled_from(list(media)), min_size=1, max_size=3, unique=True)
+    near_parts = fields.flatmap(lambda ms: st.tuples(*(media[m].map(lambda d, m=m: (m, d, m != "text"))
+                                                       for m in ms)).map(list))
+    near_json = fields.flatmap(lambda ms: st.tuples(*(media[m] for m in ms)).map(lambda vs, ms=ms: json.dumps(
+        {m: (v.decode("utf-8", "replace") if m == "text" else base64.b64encode(v).decode())
+         for m, v in zip(ms, vs, strict=True)}).encode()))
+    return st.one_of(st.tuples(st.just("json"), json_body, headers),
+                     st.tuples(st.just("multipart"), parts, headers),
+                     st.tuples(st.just("raw"), st.binary(max_size=1024), headers),
+                     st.tuples(st.just("multipart"), near_parts, st.just({})),
+                     st.tuples(st.just("json"), near_json, st.just({})))
+
+
+def _fuzz_send(url: str, case: tuple) -> requests.Response:
+    kind, payload, headers = case
+    if kind == "json":
+        return post(url, data=payload, headers={"Content-Type": "application/json", **headers}, timeout=120)
+    if kind == "multipart":
+        files = [(name, (f"{name}.bin", data) if is_file else (None, data))
+                 for name, data, is_file in payload]
+        return post(url, files=files or {"text": (None, "")}, headers=headers, timeout=120)
+    return post(url, data=payload, headers=headers, timeout=120)
+
+
+def _reference_answer(url: str) -> dict:
+    rng = np.random.default_rng(5)
+    r = post(url, files={"image": ("x.png", _png()), "text": (None, "seven"),
+                         "audio": ("a.wav", tone(rng, 7))})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_fuzz_the_contract_over_http(server):
+    """Property: whatever the body and headers (JSON, multipart or raw; mutated media, bombs, duplicate
+    keys, lone surrogates, Ray's control headers, foreign Origin/Host), the answer is < 500, in the contract's
+    shape, and a valid request still gets the same answer before, during (every 100 cases) and after.
+    FUZZ_CASES cases (300 in `make test`, 5,000 in `make fuzz`; FUZZ_REPORT=path writes the figures)."""
+    reference = _reference_answer(server)
+    codes: Counter = Counter()
+    errors: Counter = Counter()  # (status, field) of the error answers
+
+    @settings(max_examples=FUZZ_CASES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=_fuzz_strategy())
+    def one(case: tuple) -> None:
+        r = _fuzz_send(server, case)
+        codes[r.status_code] += 1
+        assert r.status_code < 500, (case[0], r.status_code, r.text[:300])
+        body = r.json()
+        if r.status_code == 200:
+            assert set(body) == set(reference) and abs(sum(body["probabilities"].values()) - 1) < 1e-4
+        else:
+            assert set(body) == {"error"} and body["error"]["status"] == r.status_code, body
+            errors[f"{r.status_code} {body['error']['field'][:20]}"] += 1
+        if sum(codes.values()) % 100 == 0:
+            assert _reference_answer(server) == reference
+
+    one()
+    assert _reference_answer(server) == reference
+    assert sum(codes.values()) >= FUZZ_CASES
+    memory = replica_memory("mm")
+    report = {"cases": sum(codes.values()), "status_codes": dict(sorted(codes.items())),
+              "responses_500_or_more": sum(n for c, n in codes.items() if c >= 500),
+              "replica_memory_mib": memory, "errors_by_field": dict(errors.most_common(25))}
+    if os.environ.get("FUZZ_REPORT"):
+        Path(os.environ["FUZZ_REPORT"]).write_text(json.dumps(report, indent=2) + "\n")
+    assert max(m["peak_mib"] for m in memory.values()) < 1536, report  # bounded: no bomb went through
