@@ -310,6 +310,9 @@ def _carve_val(tb: pa.Table, seed: int, threshold: int) -> pa.Table:
 # ------------------------------------------------------------------------------------------ batches
 
 
+EMB_SUFFIX = "_emb"  # cached embeddings of frozen encoders, float32 (B, hidden) (train/embedding_cache.py)
+
+
 class MMCollate(NumpyBatchCollateFn):
     """numpy batch -> dict[str, torch.Tensor] with the dtypes of the batch contract (mmfusion.batch).
     Columns outside the contract (id, split, ...) are dropped. uint8 images (as preprocessed and stored) are
@@ -330,7 +333,7 @@ class MMCollate(NumpyBatchCollateFn):
                             "is this dataset from build_datasets?")
         out = {}
         for k, v in batch.items():
-            dtype = self.DTYPES.get(k)
+            dtype = self.DTYPES.get(k) or (torch.float32 if k.endswith(EMB_SUFFIX) else None)
             if dtype is not None:  # writable + contiguous: torch.from_numpy shares memory without warnings
                 x = torch.from_numpy(np.require(np.asarray(v), requirements=("C", "W")))
                 out[k] = self._image(x, batch) if k == "image" and x.dtype == torch.uint8 else x.to(dtype)

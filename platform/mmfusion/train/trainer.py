@@ -57,8 +57,9 @@ def run_training(cfg: ExperimentConfig, address: str | None = None) -> TrainRun:
     bundle = build_datasets(cfg.data, splits=("train", "val"), seed=cfg.seed)
     log.info("data: %d train rows, %d val rows, %d classes, %d rejected", bundle.train_rows, bundle.val_rows,
              len(bundle.labels), bundle.num_rejected)
-    trainer = build_trainer(cfg, {"train": bundle.train, "val": bundle.val}, data_info(bundle), name, storage,
-                            embedded=embedded)
+    datasets, info, cache = with_embedding_cache(cfg, {"train": bundle.train, "val": bundle.val},
+                                                 data_info(bundle))
+    trainer = build_trainer(cfg, datasets, info, name, storage, embedded=embedded)
     log.info("training run %s (storage %s): %d worker(s), %s", name, storage, tc.num_workers,
              "GPU" if tc.use_gpu else "CPU")
     try:
@@ -70,13 +71,29 @@ def run_training(cfg: ExperimentConfig, address: str | None = None) -> TrainRun:
         if cause is not None:
             raise cause from None
         raise MmfusionError(f"training run {name} failed: {e}") from None
-    return export_run(result, cfg, bundle, name, storage)
+    return export_run(result, cfg, bundle, name, storage,
+                      extra={"embedding_cache": cache.summary()} if cache is not None else None)
 
 
 def data_info(bundle: Any) -> dict[str, Any]:
     """What the workers learn from the driver's data pass: class names, input shapes, rows per epoch."""
     return {"labels": bundle.labels, "spec": asdict(bundle.spec), "train_rows": bundle.train_rows,
             "class_counts": bundle.class_counts}  # class weights and the majority-class baseline
+
+
+def with_embedding_cache(cfg: ExperimentConfig, datasets: dict[str, Any], info: dict[str, Any],
+                         ) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """(datasets, info, cache): when every encoder is frozen (embedding_cache.enabled), the splits' cached
+    embeddings under train.storage_path (built now if missing) and the info that tells the workers;
+    otherwise the arguments unchanged and None."""
+    from mmfusion.train import embedding_cache
+
+    if not embedding_cache.enabled(cfg) or "embedding_cache" in info:
+        return datasets, info, None
+    from mmfusion.runtime import absolute_path
+
+    cache = embedding_cache.embed_splits(cfg, datasets, info, absolute_path(cfg.train.storage_path))
+    return cache.datasets, {**info, "embedding_cache": cache.worker_info()}, cache
 
 
 def build_trainer(cfg: ExperimentConfig, datasets: dict[str, Any], info: dict[str, Any], name: str,
@@ -91,12 +108,15 @@ def build_trainer(cfg: ExperimentConfig, datasets: dict[str, Any], info: dict[st
         embedded: an embedded local cluster never grows, so workers that cannot be placed fail the run
             (controller_failure_limit=1) instead of waiting forever; a joined cluster may autoscale.
         callbacks: Ray Train callbacks (a Tune trial adds TuneReportCallback).
+    Frozen encoders (train.embedding_cache): the datasets are replaced by their cached embeddings, unless
+    `info` says they already are (run_training), so every Tune trial shares the cache too.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from mmfusion.train.worker import train_loop_per_worker
 
+    datasets, info, _ = with_embedding_cache(cfg, datasets, info)
     tc = cfg.train
     return TorchTrainer(
         train_loop_per_worker,
@@ -116,8 +136,10 @@ def build_trainer(cfg: ExperimentConfig, datasets: dict[str, Any], info: dict[st
     )
 
 
-def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, storage: str) -> TrainRun:
-    """Best checkpoint -> artifact folder with metrics, training curves and a val confusion matrix."""
+def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, storage: str,
+               extra: dict[str, Any] | None = None) -> TrainRun:
+    """Best checkpoint -> artifact folder with metrics (plus `extra`), training curves and a val confusion
+    matrix (of the whole model on the preprocessed val split, also when it trained on cached embeddings)."""
     from mmfusion.artifact import load_artifact, save_artifact
     from mmfusion.evaluate.plots import plot_training_curves
     from mmfusion.evaluate.report import evaluate_dataset
@@ -137,7 +159,8 @@ def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, stora
                "epochs_run": state.epoch + 1, "starts": state.starts, "stopped_early": state.stopped_early,
                "history": state.history, "train_rows": bundle.train_rows, "val_rows": bundle.val_rows,
                "rejected_rows": bundle.num_rejected,
-               "learned": state.learned, "majority_share": state.majority_share}  # see loop.beats_majority
+               "learned": state.learned, "majority_share": state.majority_share,  # see loop.beats_majority
+               **(extra or {})}
     if state.learned is False:
         log.warning("training run %s never beat the majority class share %.3f on train accuracy: the model "
                     "predicts (nearly) one class (metrics.json: learned=false)", name, state.majority_share)

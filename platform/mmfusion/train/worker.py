@@ -77,6 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from mmfusion.data.pipeline import iter_torch_batches
     from mmfusion.models.model import build_model
+    from mmfusion.train.embedding_cache import cached_model
 
     cfg = validate_config(config["experiment"], source="train_loop_config")  # re-validated on the worker
     labels: list[str] = config["labels"]
@@ -92,6 +93,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
 
     model = build_model(cfg.model, spec, num_classes=len(labels))
+    cache = config.get("embedding_cache")  # frozen encoders: the shards hold their embeddings, not inputs
+    if cache:
+        model = cached_model(model, cache)  # the same modules: checkpoints hold the whole model
+    batch_spec = None if cache else spec  # what the collate step needs (uint8 image normalization)
     optimizer = build_optimizer(param_groups(model, oc.lr, oc.weight_decay, oc.encoder_lr), oc.name, oc.lr,
                                 oc.weight_decay, oc.momentum)
     counts: list[int] = list(config.get("class_counts") or [])
@@ -126,11 +131,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if state.stopped_early:
             break
         # spec: the collate step normalizes the uint8 images with its image_mean/std
-        batches = iter_torch_batches(train_shard, tc.batch_size, spec, shuffle_seed=cfg.seed + epoch)
+        batches = iter_torch_batches(train_shard, tc.batch_size, batch_spec, shuffle_seed=cfg.seed + epoch)
         tr = train_one_epoch(model, batches, optimizer, scheduler, device, tc.precision, oc.grad_clip,
                              epoch=epoch, class_weight=weight, label_smoothing=oc.label_smoothing,
                              num_classes=len(labels), scaler=scaler)
-        va = evaluate(model, iter_torch_batches(val_shard, tc.batch_size, spec), device, tc.precision,
+        va = evaluate(model, iter_torch_batches(val_shard, tc.batch_size, batch_spec), device, tc.precision,
                       num_classes=len(labels))
         metrics = {"epoch": epoch, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
                    "val_accuracy": va.accuracy, "val_macro_f1": va.macro_f1,
