@@ -83,11 +83,29 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.robustness:
+        from mmfusion.evaluate.robustness import evaluate_robustness
+
+        if args.modalities:
+            raise MmfusionError("--robustness scores every subset of the modalities: drop --modalities")
+        rob = evaluate_robustness(args.artifact, data=args.data, split=args.split, address=args.address,
+                                  device=args.device, seed=args.seed, noises=args.noise)
+        sys.stdout.write(f"{rob.table}\n\n{rob.json_path}\n{rob.plot}\n")
+        return 0
     from mmfusion.evaluate.report import evaluate_artifact
 
     result = evaluate_artifact(args.artifact, data=args.data, split=args.split, address=args.address,
-                               modalities=args.modalities)
+                               modalities=args.modalities, device=args.device)
     sys.stdout.write(result.text + "\n")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from mmfusion.evaluate.predict import predict_to_parquet
+
+    run = predict_to_parquet(args.artifact, args.data, args.out, split=args.split, modalities=args.modalities,
+                             address=args.address, device=args.device)
+    sys.stdout.write(run.summary() + "\n")
     return 0
 
 
@@ -247,8 +265,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="split to evaluate (default: test)")
     e.add_argument("--modalities", nargs="+", choices=MODALITIES,
                    help="hide the other modalities (robustness to a missing modality)")
-    e.add_argument("--address",
-                   help="Ray cluster address for large inputs (default: local, no Ray for small)")
+    e.add_argument("--robustness", action="store_true", help="accuracy for every subset of the modalities "
+                   "and under growing noise on each: a table, robustness.json and .png next to the artifact")
+    e.add_argument("--noise", nargs="+", metavar="KIND", help="with --robustness: only these kinds "
+                   "(image_noise image_blur audio_snr text_typos; default: all of the model's)")
+    e.add_argument("--seed", type=int, default=0, help="with --robustness: the noise seed (default 0)")
+
+    pr = cmd(sub, "predict", _predict, "batch prediction on Ray Data (labelled or unlabelled data): Parquet "
+             "with id, label, one probability column per class and the modalities used")
+    pr.add_argument("artifact", help="artifact folder written by `mmfusion train`")
+    pr.add_argument("--data", required=True, help="dataset folder or manifest (Parquet/JSONL/CSV)")
+    pr.add_argument("--out", required=True, help="Parquet file; undecodable rows go to OUT.rejects.jsonl")
+    pr.add_argument("--split", help="only this split (default: every row)")
+    pr.add_argument("--modalities", nargs="+", choices=MODALITIES, help="predict from these modalities only")
+    for sp in (e, pr):
+        sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the model runs (default auto: cuda when the Ray cluster has GPUs)")
+        sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded one)")
 
     sv = cmd(sub, "serve", _serve, "serve an artifact over HTTP with Ray Serve until interrupted "
              "(Ctrl-C)")

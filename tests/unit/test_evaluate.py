@@ -30,7 +30,8 @@ def test_predictions_align_with_ids_when_modalities_are_hidden(artifact, avt_tin
 
 
 def test_evaluate_writes_report_plot_and_metrics(artifact, avt_tiny):
-    ev = evaluate_artifact(artifact, data=str(avt_tiny), split="test", modalities=["image", "text"])
+    ev = evaluate_artifact(artifact, data=str(avt_tiny), split="test", modalities=["image", "text"],
+                           local=True)
     assert ev.plot.name == "confusion_matrix_test_image+text.png" and ev.plot.is_file()
     m = json.loads((artifact / "metrics.json").read_text())
     assert m["evaluation"]["test_image+text"]["num_samples"] == ev.report["num_samples"]
@@ -39,9 +40,11 @@ def test_evaluate_writes_report_plot_and_metrics(artifact, avt_tiny):
 
 def test_evaluate_bad_inputs(artifact, avt_tiny, tmp_path):
     with pytest.raises(DataError, match="no 'nope' split"):
-        evaluate_artifact(artifact, data=str(avt_tiny), split="nope")
+        evaluate_artifact(artifact, data=str(avt_tiny), split="nope", local=True)
+    with pytest.raises(DataError, match="the model was trained on"):
+        evaluate_artifact(artifact, data=str(avt_tiny), modalities=["video"], local=True)
     with pytest.raises(ArtifactError, match="missing"):
-        evaluate_artifact(tmp_path, data=str(avt_tiny))
+        evaluate_artifact(tmp_path, data=str(avt_tiny), local=True)
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     for f in ("config.yaml", "labels.json"):
         (tmp_path / f).write_text((artifact / f).read_text())
@@ -63,3 +66,39 @@ def test_remote_artifact_locations_are_staged_then_published(tmp_path, monkeypat
     assert publish(artifact, "s3://b/run/artifact") == "s3://b/run/artifact"
     assert ((bucket / "b/run/artifact/model.safetensors").read_bytes()
             == (artifact / "model.safetensors").read_bytes())
+
+
+def test_evaluate_counts_every_rejected_and_skipped_row(artifact, avt_tiny, tmp_path):
+    from tests.eval_helpers import BAD_ROWS, with_bad_rows
+
+    from mmfusion.data.rejects import read_rejects
+
+    data = with_bad_rows(avt_tiny, tmp_path / "bad")
+    ev = evaluate_artifact(artifact, data=str(data), split="test", local=True)
+    assert ev.report["rejected_rows"] == len(BAD_ROWS) == 2  # one per bad row, not one for all of them
+    assert ev.report["skipped_rows"] == 1  # the row without any modality
+    rejects = {r["id"]: r for r in read_rejects(ev.rejects_path)}
+    assert ev.rejects_path == artifact / "rejects_test.jsonl"
+    assert set(rejects) == set(BAD_ROWS)
+    for rid, (modality, _) in BAD_ROWS.items():
+        assert rejects[rid]["modality"] == modality and rejects[rid]["reason"], rejects[rid]
+    assert "2 rows could not be decoded" in ev.text and "1 rows have none of the modalities" in ev.text
+    clean = evaluate_artifact(artifact, data=str(avt_tiny), split="test", local=True)
+    assert clean.report["num_samples"] == ev.report["num_samples"]
+    assert clean.rejects_path is None and not (artifact / "rejects_test.jsonl").exists()  # stale file gone
+
+
+def test_actor_pool_uses_every_cpu_and_shares_gpus():
+    from mmfusion.errors import ConfigError
+    from mmfusion.evaluate.inference import batch_rows, plan_pool
+
+    two = plan_pool(2, 0)
+    assert (two.size, two.device, two.gpus) == (2, "cpu", 0.0)
+    assert two.size * two.cpus + 0.5 <= 2  # one read task still fits beside the pool
+    assert plan_pool(4, 0, real_cores=2).size == 2  # an embedded cluster declares more CPUs than cores
+    gpu = plan_pool(16, 1)
+    assert (gpu.size, gpu.device) == (16, "cuda") and gpu.gpus * gpu.size == pytest.approx(1, abs=1e-3)
+    assert plan_pool(16, 1, device="cpu").device == "cpu"
+    with pytest.raises(ConfigError, match="no GPU"):
+        plan_pool(2, 0, device="cuda")
+    assert batch_rows(60, 2) == 15 and batch_rows(10**6, 2) == 256  # every actor gets blocks

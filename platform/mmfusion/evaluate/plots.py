@@ -58,3 +58,30 @@ def plot_confusion_matrix(cm: np.ndarray | list[list[int]], labels: list[str], p
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_robustness(results: dict[str, Any], path: Path, title: str = "") -> Path:
+    """A bar per modality subset and a curve per noise kind (accuracy against the noise level, clean first),
+    from the document mmfusion.evaluate.robustness writes."""
+    plt = _pyplot()
+    curves = results["noise"]
+    fig, axes = plt.subplots(1, 1 + len(curves), figsize=(4.2 * (1 + len(curves)), 3.8), squeeze=False)
+    ax = axes[0][0]
+    names = ["+".join(s["modalities"]) for s in results["subsets"]]
+    ax.barh(range(len(names)), [s["accuracy"] for s in results["subsets"]], color="tab:blue")
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set(xlabel="accuracy", xlim=(0, 1.02), title="modalities seen")
+    for ax, (kind, curve) in zip(axes[0][1:], curves.items(), strict=True):
+        points = curve["points"]
+        labels = ["clean" if p["level"] is None else f"{p['level']:g}" for p in points]
+        ax.plot(range(len(points)), [p["accuracy"] for p in points], "-o")
+        ax.set_xticks(range(len(points)), labels)
+        ax.set(xlabel=curve["unit"], ylabel="accuracy", ylim=(0, 1.02), title=kind)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "robustness")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
