@@ -210,8 +210,12 @@ def test_formats_the_contract_does_not_name_are_not_opened(fmt, kw, monkeypatch)
     from mmfusion.data.image import decode_image
 
     data = encoded(fmt, mode="RGBA" if fmt == "DDS" else "RGB", **kw)
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == fmt  # a valid image: Pillow would open it without formats=
     _no_decoding(monkeypatch)
-    with pytest.raises(DecodeError, match="not a recognised image format .accepted: PNG, JPEG"):
+    with pytest.raises(DecodeError, match="not a recognised image format"):
         decode_image(data, 3)
 
 

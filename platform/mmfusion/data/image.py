@@ -97,8 +97,7 @@ def decode_image(data: Any, channels: int, background: tuple[int, int, int] = (2
     except Image.DecompressionBombError as e:
         raise DecodeError("image", f"too large ({e})") from None
     except UnidentifiedImageError:
-        raise DecodeError("image", "not a recognised image format (accepted: "
-                                   f"{', '.join(IMAGE_FORMATS)})") from None
+        raise DecodeError("image", "not a recognised image format") from None  # IMAGE_FORMATS: in the docs
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise DecodeError("image", f"undecodable ({e})") from None
     except MemoryError:
