@@ -20,6 +20,7 @@ import torch
 from mmfusion.batch import InputSpec
 from mmfusion.config import validate_config
 from mmfusion.errors import ConfigError, MmfusionError
+from mmfusion.logs import worker_logging
 from mmfusion.train.checkpoint import LoopState, resume, save_checkpoint
 from mmfusion.train.loop import (
     beats_majority,
@@ -32,6 +33,7 @@ from mmfusion.train.loop import (
     param_groups,
     train_one_epoch,
 )
+from mmfusion.train.tracking import open_tracker
 
 log = logging.getLogger("mmfusion.train")
 
@@ -85,8 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     tc, oc = cfg.train, cfg.optim
     ctx = ray.train.get_context()  # [ray]
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    worker_logging(rank)  # INFO on rank 0, formatted like the driver's lines
     _quiet_ray_train_logs()
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
@@ -124,6 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         model = ray.train.torch.prepare_model(model)  # [ray] DDP + device placement
     start = state.epoch + 1
     state.starts.append(start)
+    tracker = open_tracker(cfg, config.get("tracking"), start)  # rank 0: TensorBoard/MLflow (train.tracking)
 
     train_shard = ray.train.get_dataset_shard("train")  # [ray]
     val_shard = ray.train.get_dataset_shard("val")  # [ray]
@@ -159,6 +161,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | "
                  "%.0f samples/s%s", epoch + 1, tc.epochs, tr.loss, tr.accuracy, va.loss, va.accuracy,
                  va.macro_f1, tr.samples_per_s, "  (early stop)" if state.stopped_early else "")
+        tracker.log_epoch(metrics)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
@@ -172,4 +175,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     "(nearly) one class. Try optim.class_weights=balanced, another optim.lr or "
                     "optim.encoder_lr, or check the inputs (mmfusion data inspect)", state.majority_share,
                     max(h["train_accuracy"] for h in state.history))
+    tracker.close()
     return {"epoch": state.epoch, "starts": state.starts}
