@@ -223,7 +223,9 @@ class TrainConfig(Strict):
     mode: Literal["max", "min"] = "max"
     checkpoints_to_keep: int = Field(2, ge=1)
     artifact_dir: str | None = None  # default: <storage_path>/<run_name>/artifact
-    num_threads: int | None = Field(None, ge=1)  # torch intra-op threads per worker; None = torch default
+    # torch intra-op threads per worker; None = the CPUs each worker gets (all the machine's cores, shared by
+    # the workers, when a local run's data is materialized: see train.trainer.worker_threads)
+    num_threads: int | None = Field(None, ge=1)
     # experiment trackers rank 0 writes to: tensorboard (<run folder>/tensorboard), mlflow (train.mlflow_uri)
     tracking: list[Literal["tensorboard", "mlflow"]] = ["tensorboard"]
     mlflow_uri: str | None = None  # MLflow tracking URI (a server); default file:<storage_path>/mlruns

@@ -35,6 +35,7 @@ def default_run_name(cfg: ExperimentConfig) -> str:
     identity = cfg.model_dump(mode="json")
     for k in ("max_failures", "artifact_dir", "run_name", "storage_path", "tracking", "mlflow_uri"):
         identity["train"].pop(k, None)  # how and where to run, not what to train
+    identity["data"].pop("cache", None)
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.data.path.rstrip("/")).stem) or "data"
     mods = "".join(m[0] for m in cfg.data.modalities)  # e.g. "ita"
@@ -54,7 +55,9 @@ def run_training(cfg: ExperimentConfig, address: str | None = None) -> TrainRun:
     init_ray(address)
     check_fits(tc.num_workers, tc.cpus_per_worker, tc.use_gpu, strict=embedded)
 
-    bundle = build_datasets(cfg.data, splits=("train", "val"), seed=cfg.seed)
+    # streamed data (data.cache none) preprocesses beside the workers: its pool gets the CPUs they leave
+    bundle = build_datasets(cfg.data, splits=("train", "val"), seed=cfg.seed,
+                            train_cpus=tc.num_workers * tc.cpus_per_worker)
     log.info("data: %d train rows, %d val rows, %d classes, %d rejected", bundle.train_rows, bundle.val_rows,
              len(bundle.labels), bundle.num_rejected)
     datasets, info, cache = with_embedding_cache(cfg, {"train": bundle.train, "val": bundle.val},
@@ -118,9 +121,15 @@ def build_trainer(cfg: ExperimentConfig, datasets: dict[str, Any], info: dict[st
 
     datasets, info, _ = with_embedding_cache(cfg, datasets, info)
     tc = cfg.train
+    experiment = cfg.model_dump(mode="json")
+    if tc.num_threads is None:
+        experiment["train"]["num_threads"] = worker_threads(tc.num_workers, tc.cpus_per_worker, embedded,
+                                                            _streams(datasets))
+        log.info("torch threads per worker: %d (train.num_threads unset: the CPUs each worker gets)",
+                 experiment["train"]["num_threads"])
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), **info},
+        train_loop_config={"experiment": experiment, **info},
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu,
             resources_per_worker={"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})),
@@ -134,6 +143,29 @@ def build_trainer(cfg: ExperimentConfig, datasets: dict[str, Any], info: dict[st
             callbacks=list(callbacks)),
         datasets=datasets,
     )
+
+
+def worker_threads(num_workers: int, cpus_per_worker: float, embedded: bool, data_streams: bool) -> int:
+    """torch threads per worker when train.num_threads is unset: the CPUs each worker gets.
+
+    That is its cpus_per_worker, except on an embedded (one-machine) cluster whose data is materialized:
+    there the data needs no CPU while training, so the workers share all the machine's cores (1 worker on
+    2 cores: 2 threads, where a 1-CPU reservation would leave a core idle). While data streams, the
+    preprocessing pool keeps the cores the workers do not reserve.
+    """
+    import os
+
+    own = max(1, int(cpus_per_worker))
+    if not embedded or data_streams:
+        return own
+    return max(own, (os.cpu_count() or 1) // num_workers)
+
+
+def _streams(datasets: dict[str, Any]) -> bool:
+    """Whether reading the datasets runs Ray Data work during training (anything not materialized)."""
+    from ray.data.dataset import MaterializedDataset
+
+    return any(d is not None and not isinstance(d, MaterializedDataset) for d in datasets.values())
 
 
 def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, storage: str,
