@@ -440,7 +440,8 @@ def test_resampling_bombs_over_http_stay_within_the_budget(server):
 
 
 FUZZ_CASES = int(os.environ.get("FUZZ_CASES", "300"))  # `make fuzz`: 5,000
-_HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
+# printable ASCII, no surrounding spaces: what `requests` sends (non-UTF-8 header bytes are nginx's job)
+_HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).map(str.strip)
 
 
 def _mutate(data: bytes, flips: list[tuple[int, int]], cut: int) -> bytes:
