@@ -7,14 +7,14 @@ The config is jobs/configs/avt_digits_pretrained.yaml (text only, MiniLM from `m
 encoder frozen (model.encoders.text.freeze=true, optim.encoder_lr=null so the projection learns at optim.lr).
 Four runs on one embedded Ray cluster, in a fresh storage folder (so the first cached run builds the cache):
 
-  off      train.embedding_cache=off: MiniLM runs forward on every batch of every epoch
+  uncached train.embedding_cache=off: MiniLM runs forward on every batch of every epoch
   cached   train.embedding_cache=auto: embeds train and val once (Ray Data actor pool), then trains the head
   reuse    the same config again (another run name, 1 epoch): must find the cache and build nothing
   rebuild  data.text.max_length changed (1 epoch): a new key, so the cache is built again
 
 Epoch time is the train pass of an epoch (train rows / samples per second, from the run's history); the
 cache build time is reported apart. Val accuracy is the last epoch's. Prints a table and writes JSON.
-Targets: off / cached epoch time >= 5, |val accuracy difference| <= 1 point.
+Targets: uncached / cached epoch time >= 5, |val accuracy difference| <= 1 point.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     storage = str(Path(tempfile.mkdtemp(prefix="bench-embedding-cache-", dir=args.storage)).absolute())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plan = [("off", args.epochs, ["train.embedding_cache=off"]),  # (run, epochs, overrides)
+    plan = [("uncached", args.epochs, ["train.embedding_cache=off"]),  # (run, epochs, overrides)
             ("cached", args.epochs, ["train.embedding_cache=auto"]),
             ("reuse", 1, ["train.embedding_cache=auto"]),  # these two check the cache, not accuracy
             ("rebuild", 1, ["train.embedding_cache=auto", "data.text.max_length=16"])]

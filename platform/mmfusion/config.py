@@ -234,6 +234,11 @@ class TrainConfig(Strict):
     # trials; a new key, i.e. other weights, preprocessing or data files, builds anew). off: encode every step
     embedding_cache: Literal["auto", "off"] = "auto"
 
+    @field_validator("embedding_cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` (file or key=value override) as false
+
 
 class TuneConfig(Strict):
     # dotted config key -> distribution: {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]},

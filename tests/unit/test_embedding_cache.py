@@ -65,6 +65,7 @@ def test_enabled_only_when_every_encoder_is_frozen(tiny: tuple[Path, Path, Path]
     bert, tok, data = tiny
     assert enabled(config(bert, tok, data))
     assert not enabled(config(bert, tok, data, ("train.embedding_cache", "off")))
+    assert not enabled(config(bert, tok, data, ("train.embedding_cache", False)))  # YAML reads `off` as false
     assert not enabled(config(bert, tok, data, ("model.encoders.text.freeze", False)))
     both = config(bert, tok, data, ("data.modalities", ["image", "text"]))  # the image encoder is a CNN
     assert not enabled(both)
