@@ -145,16 +145,17 @@ def _wait_recovered(deployment: str, target: int, killed_pid: int, before: set[i
     return None
 
 
-def _group_pids(pgid: int, needle: str = "") -> list[int]:
-    """Live processes of a process group (the killed command and its local Ray), optionally by cmdline."""
+def _session_pids(sid: int, needle: str = "") -> list[int]:
+    """Live processes of a session (the command started with start_new_session and its whole local Ray:
+    Ray's workers each get their own process group, but stay in the session), optionally by cmdline."""
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
             cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, IndexError):
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z" and needle in cmd:
+        if int(fields[3]) == sid and fields[0] != "Z" and needle in cmd:
             pids.append(int(stat.parent.name))
     return pids
 
@@ -198,16 +199,20 @@ def train_chaos(data: str, epochs: int, timeout_s: float = 1800.0) -> dict[str, 
 
     kills = []
     done = wait_epoch(-1)
-    workers = _group_pids(proc.pid, "RayTrainWorker")
+    workers = _session_pids(proc.pid, "RayTrainWorker")
     os.kill(workers[0], signal.SIGKILL)
     kills.append({"killed": "a Train worker", "checkpointed_epochs_before": done + 1})
     log.info("SIGKILL Train worker %d after epoch %d", workers[0], done)
     done = wait_epoch(done)
-    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in _session_pids(proc.pid):  # the driver and every process of its local Ray
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
     kills.append({"killed": "the driver and its local Ray", "checkpointed_epochs_before": done + 1})
     log.info("SIGKILL driver group %d after epoch %d", proc.pid, done)
-    while _group_pids(proc.pid) and time.monotonic() - t0 < timeout_s:
+    while _session_pids(proc.pid) and time.monotonic() - t0 < timeout_s:
         time.sleep(0.2)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     if out.returncode != 0:
