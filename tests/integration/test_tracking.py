@@ -1,0 +1,106 @@
+"""Tracking and readable logs on a real local cluster: a 2-epoch `mmfusion train` and a 2-trial tune, read
+back with TensorBoard's EventAccumulator and MLflow's client (the file store under the storage path)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from tests.helpers import tiny_raw, write_tiny_yaml
+
+from mmfusion.config import validate_config
+
+pytestmark = pytest.mark.integration
+
+TRACKING = "train.tracking=[tensorboard, mlflow]"
+# a line of mmfusion's own: the driver's format, also used by the workers (mmfusion.logs.worker_logging)
+OURS = re.compile(r"\d\d:\d\d:\d\d (?:DEBUG|INFO|WARNING|ERROR|CRITICAL) mmfusion[.:]")
+EPOCH = re.compile(r"mmfusion\.train: epoch \d+/\d+ ")
+
+
+def _events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def _mlflow_run(storage: Path, experiment: str, run_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    from mmfusion.train.tracking import find_mlflow_run
+
+    client = MlflowClient(f"file:{storage / 'mlruns'}")
+    run_id = find_mlflow_run(client, experiment, str(run_dir))
+    assert run_id is not None, f"no MLflow run tagged with {run_dir}"
+    return client, client.get_run(run_id)
+
+
+def test_train_logs_every_epoch_to_tensorboard_and_mlflow_and_prints_no_ray_lines(ray_local, avt_tiny,
+                                                                                  tmp_path, capfd):
+    from mmfusion.cli import main
+
+    storage = tmp_path / "runs"
+    cfg_file = write_tiny_yaml(tmp_path / "tiny.yaml", avt_tiny, storage, TRACKING, "train.run_name=tracked")
+    capfd.readouterr()
+    assert main(["train", str(cfg_file)]) == 0
+    err = capfd.readouterr().err.splitlines()
+
+    run_dir = storage / "tracked"
+    metrics = json.loads((run_dir / "artifact" / "metrics.json").read_text())
+    reported = [k for k in metrics["history"][0] if k != "epoch"]
+    acc = _events(run_dir / "tensorboard")
+    for key in reported:  # every scalar the workers reported, once per epoch
+        assert [e.step for e in acc.Scalars(key)] == [0, 1], key
+    assert [e.value for e in acc.Scalars("val_accuracy")] == pytest.approx(
+        [h["val_accuracy"] for h in metrics["history"]])
+    assert {"training_curves", "confusion_matrix_val"} <= set(acc.Tags()["images"])
+    assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
+
+    client, run = _mlflow_run(storage, avt_tiny.name, run_dir)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.fusion.dim"] == "32" and run.data.params["train.epochs"] == "2"
+    for key in reported:
+        assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
+    assert run.data.tags["run_name"] == "tracked" and len(run.data.tags["dataset_fingerprint"]) == 16
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "artifact")}
+    assert {"artifact/model.safetensors", "artifact/config.yaml", "artifact/metrics.json"} <= artifacts
+
+    # readable logs: from the first epoch line on, every line printed is mmfusion's
+    first = next(i for i, line in enumerate(err) if EPOCH.search(line))
+    assert sum(bool(EPOCH.search(line)) for line in err) == 2
+    others = [line for line in err[first:] if line.strip() and not OURS.search(line)]
+    assert others == [], "\n".join(others)
+
+
+def test_each_tune_trial_logs_params_metrics_and_an_artifact(ray_local, avt_tiny, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from mmfusion.tune.runner import run_tune
+
+    storage = tmp_path / "runs"
+    raw = tiny_raw(avt_tiny, storage, "train.num_workers=1", "train.epochs=1", TRACKING)  # 1 epoch: fast
+    raw["tune"] = {"space": {"optim.lr": {"grid": [3e-3, 1e-3]}}, "scheduler": "none", "num_samples": 1,
+                   "max_concurrent_trials": 1, "name": "t2"}
+    run = run_tune(validate_config(raw))
+    assert len(run.rows) == 2
+    client = MlflowClient(f"file:{storage / 'mlruns'}")
+    exp = client.get_experiment_by_name("t2")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2
+    assert {r.data.params["optim.lr"] for r in runs} == {"0.003", "0.001"}
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert len(client.get_metric_history(r.info.run_id, "val_loss")) == 1
+        assert client.list_artifacts(r.info.run_id), r.info.run_name  # artifact/ (best) or checkpoint/
+        trial_dir = Path(r.data.tags["mmfusion.run_path"])
+        assert trial_dir.parent == storage / "t2" / "train"
+        acc = _events(trial_dir / "tensorboard")
+        assert [e.step for e in acc.Scalars("val_accuracy")] == [0]
+        assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    best = [r for r in runs if r.data.tags["mmfusion.run_path"].endswith(f"trial-{run.best_id}")]
+    names = {a.path for a in client.list_artifacts(best[0].info.run_id, "artifact")}
+    assert "artifact/model.safetensors" in names
