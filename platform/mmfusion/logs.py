@@ -9,8 +9,9 @@ Ray's routine output, per epoch of a run: Ray Data's "Dataset ... execution fini
 "Progress bars disabled" warnings (from the driver and each SplitCoordinator), Ray Train's controller lines
 (requesting resources, worker group started), a RayDeprecationWarning that Ray Train's own DatasetManager
 triggers (`exclude_resources`), core_worker's error line about Ray's own PreemptionWatcher actor (ray#53727),
-and Ray's INFO-level lines. Everything else, such as tracebacks, worker deaths, out-of-memory kills, other
-warnings and errors, still prints.
+and Ray's INFO-level lines (Serve's per-request lines too: mmfusion.serving.access logs each request).
+Everything else, such as tracebacks, worker deaths, out-of-memory kills, other warnings and errors, still
+prints.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ DATEFMT = "%H:%M:%S"
 NOISE = re.compile("|".join([
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(?:INFO|DEBUG)\s",  # Ray's Python INFO/DEBUG lines
     r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [ID] \d+ \d+\]",  # Ray's C++ INFO/DEBUG lines
+    r"^(?:INFO|DEBUG) \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ",  # Ray Serve's INFO lines (its access log too)
     r"Progress bars disabled\. To enable",  # Ray Data, wherever progress bars are off
     r"Dataset \S+ execution finished in",  # Ray Data's per-execution banner
     r"^(?:Starting execution of Dataset|Execution plan of Dataset|Running Dataset)",

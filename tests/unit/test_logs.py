@@ -33,6 +33,7 @@ ROUTINE = [
     "`ExecutionOptions.label_selector` to constrain Ray Data work to labeled nodes.",
     "  self.exclude_resources = exclude_resources",
     "[2026-11-29 22:19:42,125 I 6805 6805] logging.cc:303: Set ray log level from environment variable",
+    "INFO 2026-11-29 22:32:21,936 default_Ing 91m685bb f132fbfc-6992 -- GET /v1/predict 200 12.6ms",
 ]
 PROBLEMS = [
     "Traceback (most recent call last):",
@@ -43,6 +44,7 @@ PROBLEMS = [
     "/x/torch/nn/modules/module.py:10: UserWarning: something the user should see",
     "  warnings.warn(msg)",
     "epoch 1/2  train loss 2.3156 acc 0.1050 | val loss 2.3060 acc 0.1000",
+    "WARNING 2026-11-29 22:32:28,604 controller 29237 -- Deployment 'Fusion' has 1 unhealthy replica",
 ]
 
 
