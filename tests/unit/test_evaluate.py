@@ -94,7 +94,9 @@ def test_actor_pool_uses_every_cpu_and_shares_gpus():
 
     two = plan_pool(2, 0)
     assert (two.size, two.device, two.gpus) == (2, "cpu", 0.0)
-    assert two.size * two.cpus + 0.5 <= 2  # one read task still fits beside the pool
+    assert two.size * two.cpus + 1 <= 2  # a repartition task (1 CPU) still fits beside the pool
+    sixteen = plan_pool(16, 0)
+    assert sixteen.size == 16 and sixteen.size * sixteen.cpus + 1 <= 16
     assert plan_pool(4, 0, real_cores=2).size == 2  # an embedded cluster declares more CPUs than cores
     gpu = plan_pool(16, 1)
     assert (gpu.size, gpu.device) == (16, "cuda") and gpu.gpus * gpu.size == pytest.approx(1, abs=1e-3)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "cuda"]
 READ_CPUS = 0.5  # per read task (I/O-bound): leaves the actors their CPUs
+SPARE_CPUS = 1.0  # kept beside the pool: a repartition task takes 1 CPU, else the pool starves the pipeline
 MAX_BATCH = 256  # rows per UDF call
 ACTOR_START_S = 600  # wait this long for the whole pool to start before any block is handed out
 
@@ -60,8 +61,9 @@ def plan_pool(cluster_cpus: float, cluster_gpus: float, device: Device = "auto",
     size = max(1, int(cluster_cpus))
     if real_cores:
         size = min(size, real_cores)
-    # the read tasks need READ_CPUS beside the pool, else the pool holds every CPU and nothing is read
-    cpus = min(1.0, max(0.01, (cluster_cpus - READ_CPUS) / size))
+    # the read and repartition tasks need SPARE_CPUS beside the pool, else the pool holds every CPU and the
+    # blocks it waits for are never made (logical CPUs: the actors still use a core each)
+    cpus = min(1.0, max(0.05, (cluster_cpus - SPARE_CPUS) / size))
     use_gpu = cluster_gpus > 0 and device != "cpu"
     gpus = round(cluster_gpus / size, 4) if use_gpu else 0.0  # Ray's resource granularity is 1e-4
     return Pool(size, round(cpus, 4), gpus, "cuda" if use_gpu else "cpu")
