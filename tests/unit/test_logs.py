@@ -55,7 +55,8 @@ def test_routine_ray_lines_are_dropped_and_problems_kept():
 
 
 def test_a_dropped_warning_takes_only_its_own_source_line():
-    lines = [ROUTINE[-3], ROUTINE[-2], "  indented user output", PROBLEMS[0]]
+    warning = next(i for i, line in enumerate(ROUTINE) if "RayDeprecationWarning" in line)
+    lines = [ROUTINE[warning], ROUTINE[warning + 1], "  indented user output", PROBLEMS[0]]
     assert logs.keep(lines) == ["  indented user output", PROBLEMS[0]]
 
 
