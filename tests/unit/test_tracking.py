@@ -109,3 +109,13 @@ def test_a_resumed_run_continues_its_mlflow_run_and_drops_repeated_tensorboard_s
 def test_flatten_makes_dotted_keys_and_strings_of_lists_and_none():
     assert flatten({"a": {"b": 1, "c": [1, 2], "d": None, "e": {}}, "f": True}) == {
         "a.b": 1, "a.c": "[1, 2]", "a.d": "None", "a.e": "{}", "f": True}
+
+
+def test_an_unreachable_mlflow_server_warns_and_training_goes_on(tmp_path, data_dir, caplog, monkeypatch):
+    cfg = _cfg(data_dir, tmp_path / "runs", "tensorboard", "mlflow")
+    cfg.train.mlflow_uri = "http://127.0.0.1:9"  # the discard port: nothing answers
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    _train(cfg, tmp_path / "runs" / "r1")
+    assert "MLflow at http://127.0.0.1:9 unavailable" in caplog.text
+    assert [e.value for e in _events(tmp_path / "runs" / "r1" / "tensorboard").Scalars("val_accuracy")] == [
+        0.25, 0.5]

@@ -116,8 +116,12 @@ class Tracker:
                             "set: not logging to MLflow", run_location)
             else:
                 name = Path(run_location.rstrip("/")).name
-                self.mlflow, self.run_id = open_mlflow_run(uri, experiment or default_experiment(cfg),
-                                                           run_location, name, hp)
+                try:
+                    self.mlflow, self.run_id = open_mlflow_run(uri, experiment or default_experiment(cfg),
+                                                               run_location, name, hp)
+                except Exception as e:  # a tracking server that is down must not stop the training
+                    log.warning("MLflow at %s unavailable, not logging to it: %s: %s", uri,
+                                type(e).__name__, e)
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         step = int(metrics.get("epoch", 0))
@@ -131,7 +135,12 @@ class Tracker:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self.mlflow.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()])
+            try:
+                batch = [Metric(k, v, now, step) for k, v in scalars.items()]
+                self.mlflow.log_batch(self.run_id, metrics=batch)
+            except Exception as e:
+                log.warning("MLflow logging failed, not logging to it any more: %s: %s", type(e).__name__, e)
+                self.mlflow = None
 
     def close(self) -> None:
         if self.writer is not None:
@@ -241,6 +250,15 @@ def finish_run(cfg: ExperimentConfig, run_loc: str, artifact: Path | None, *, ex
     uri = uri or mlflow_uri(cfg, run_loc.rstrip("/").rsplit("/", 1)[0])
     if uri is None:
         return
+    try:
+        _finish_mlflow(cfg, run_loc, artifact, experiment, uri, extra)
+    except Exception as e:  # the run is trained and its artifact written: report, don't fail it
+        log.warning("MLflow at %s: could not log the artifact of %s: %s: %s", uri, run_loc,
+                    type(e).__name__, e)
+
+
+def _finish_mlflow(cfg: ExperimentConfig, run_loc: str, artifact: Path | None, experiment: str | None,
+                   uri: str, extra: Path | None) -> None:
     client = _client(uri)
     run_id = find_mlflow_run(client, experiment or default_experiment(cfg), run_loc)
     if run_id is None:
