@@ -326,18 +326,26 @@ class Ingress:
         cors = self._guard(request)
         check_api_key(self.api_key, request.headers.get("authorization"), request.headers.get("x-api-key"))
         kind = content_kind(request.headers.get("content-type"))
+        # the server's own deadline, whatever the client's headers asked Ray's proxy for: a body that does not
+        # arrive in time is the client's 408; models that do not answer in time (a deployment whose replicas
+        # are all restarting, an overload) are a 503 with Retry-After, which clients retry
         timeout = self.args.request_timeout_s
-        try:  # the server's own deadline, whatever the client's headers asked Ray's proxy for
-            async with asyncio.timeout(timeout):
-                pred = await self._predict(request, kind)
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                body = await read_body(request, self.args.max_request_bytes)
         except TimeoutError:
-            raise RequestError(408, "server", f"the request took longer than {timeout:g} s "
-                                              "(request_timeout_s); nothing was computed for it") from None
+            raise RequestError(408, "body", f"the request body did not arrive within {timeout:g} s "
+                                            "(request_timeout_s)") from None
+        try:
+            async with asyncio.timeout_at(deadline):
+                pred = await self._predict(request, kind, body)
+        except TimeoutError:
+            raise self._overloaded(f"the model did not answer within {timeout:g} s") from None
         return JSONResponse(pred.model_dump(), headers=cors)
 
-    async def _predict(self, request: Request, kind: str) -> Prediction:
+    async def _predict(self, request: Request, kind: str, body: bytes) -> Prediction:
         limit = self.args.max_request_bytes
-        body = await read_body(request, limit)
         if not body:
             raise RequestError(400, "body", "empty request body: send image, text and/or audio")
         inputs = parse_json_body(body) if kind == "json" else inputs_from_parts(
