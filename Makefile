@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv pretrained sysdeps test test-unit fuzz demo lint bench-fusion clean
+.PHONY: venv pretrained sysdeps test test-unit fuzz demo lint bench-fusion bench-embedding-cache clean
 
 venv: $(STAMP)
 
@@ -93,6 +93,10 @@ demo: venv sysdeps $(DATA)/data_card.json
 
 bench-fusion: venv sysdeps $(DATA)/data_card.json
 	$(PY) bench/fusion_vs_single.py --data $(DATA)
+
+# frozen MiniLM with and without the embedding cache: epoch time, val accuracy, build time, reuse, rebuild
+bench-embedding-cache: venv pretrained sysdeps $(DATA)/data_card.json
+	$(PY) bench/embedding_cache.py --data $(DATA)
 
 lint: venv
 	$(VENV)/bin/ruff check platform tests bench jobs
