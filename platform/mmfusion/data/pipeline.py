@@ -154,7 +154,7 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
             return ds.filter(expr=col("split") == split)
         source = "train" if carve_val and split == "val" else split
         return _preprocessed(cfg, summary, [source], labels, actors, carve if carve_val else None,
-                             split).filter(expr=col("error") == "")
+                             split, initial=1).filter(expr=col("error") == "")
 
     good = {s: good_rows(s) for s in splits}
     if fit_audio:
@@ -227,9 +227,10 @@ def _apply_audio_stats(batch: dict[str, np.ndarray], stats: AudioStats, column: 
 
 def _preprocessed(cfg: DataConfig, summary: readers.DatasetSummary, splits: list[str], labels: list[str],
                   actors: int, carve: dict[str, int] | None = None, keep: str | None = None,
-                  ) -> ray.data.Dataset:
-    """Records of `splits` -> Preprocessor rows, over a pool of up to `actors` actors (lazy). carve (seed,
-    threshold) moves train rows to val before preprocessing, and keep then leaves only that split's rows."""
+                  initial: int | None = None) -> ray.data.Dataset:
+    """Records of `splits` -> Preprocessor rows, over a pool of up to `actors` actors (lazy), `initial` of
+    them (default all) started at once. carve (seed, threshold) moves train rows to val before
+    preprocessing, and keep then leaves only that split's rows."""
     units = [u.as_row() for u in readers.plan_units(summary.files, MANIFEST_UNIT_ROWS)]
     rows = sum(n for s, n in summary.rows.items() if s in splits)
     read_kwargs: dict[str, Any] = {}
@@ -259,7 +260,8 @@ def _preprocessed(cfg: DataConfig, summary: readers.DatasetSummary, splits: list
                                "uint8_images": True},
         batch_size=PREPROCESS_BATCH,
         batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
+        # streams that run beside training start small and grow, so val's pool does not hold train's CPUs
+        compute=ActorPoolStrategy(min_size=1, max_size=actors, initial_size=initial or actors),
     )
 
 
