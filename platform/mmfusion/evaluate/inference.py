@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from mmfusion.errors import ConfigError
+from mmfusion.errors import ConfigError, MmfusionError
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ def iter_ray(udf_cls: type, udf_kwargs: dict[str, Any], data: str, splits: list[
     """The UDF class on a Ray Data actor pool over the records of `splits` (None: all). Ray must be
     initialized. Yields the result batches in the order they finish."""
     import ray.data
+    import ray.exceptions
     from ray.data import ActorPoolStrategy
 
     from mmfusion.data import readers
@@ -142,7 +143,11 @@ def iter_ray(udf_cls: type, udf_kwargs: dict[str, Any], data: str, splits: list[
         compute=ActorPoolStrategy(size=pool.size, max_tasks_in_flight_per_actor=2))
     ds.context.wait_for_min_actors_s = ACTOR_START_S  # all actors up before the first block is handed out
     log.info("inference on Ray Data: %d rows, %s, %d rows per batch", num_rows, pool.describe(), rows)
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+    except ray.exceptions.GetTimeoutError:
+        raise MmfusionError(f"the inference actor pool ({pool.describe()}) did not start within "
+                            f"{ACTOR_START_S} s: other work holds the cluster's CPUs or GPUs") from None
 
 
 def _read_units(batch: pa.Table, label_column: str, splits: list[str] | None, modalities: list[str],
