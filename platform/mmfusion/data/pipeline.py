@@ -357,12 +357,15 @@ def iter_torch_batches(ds: ray.data.Dataset | ray.data.DataIterator, batch_size:
                        spec: InputSpec | None = None, shuffle_seed: int | None = None,
                        shuffle_buffer: int | None = None, drop_last: bool = False,
                        device: str | Literal["auto"] = "auto", prefetch_batches: int = 1,
-                       ) -> Iterator[dict[str, torch.Tensor]]:
+                       pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Collated torch batches from a dataset or a Train shard. shuffle_seed turns on a local shuffle buffer;
-    pass seed + epoch for a different order every epoch."""
+    pass seed + epoch for a different order every epoch. With device "auto" in a Train worker, Ray moves each
+    collated batch to the worker's device on its prefetch thread; pin_memory (GPU workers) pins it first, so
+    that copy is an asynchronous DMA from page-locked memory."""
     kwargs: dict[str, Any] = {}
     if shuffle_seed is not None:
         kwargs = {"local_shuffle_buffer_size": shuffle_buffer or max(4 * batch_size, 256),
                   "local_shuffle_seed": shuffle_seed}
     return iter(ds.iter_torch_batches(batch_size=batch_size, collate_fn=MMCollate(spec), drop_last=drop_last,
-                                      device=device, prefetch_batches=prefetch_batches, **kwargs))
+                                      device=device, prefetch_batches=prefetch_batches, pin_memory=pin_memory,
+                                      **kwargs))

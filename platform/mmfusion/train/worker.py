@@ -133,7 +133,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if state.stopped_early:
             break
         # spec: the collate step normalizes the uint8 images with its image_mean/std
-        batches = iter_torch_batches(train_shard, tc.batch_size, batch_spec, shuffle_seed=cfg.seed + epoch)
+        batches = iter_torch_batches(train_shard, tc.batch_size, batch_spec, shuffle_seed=cfg.seed + epoch,
+                                     pin_memory=device.type == "cuda")  # batches arrive on `device`
         tr = train_one_epoch(model, batches, optimizer, scheduler, device, tc.precision, oc.grad_clip,
                              epoch=epoch, class_weight=weight, label_smoothing=oc.label_smoothing,
                              num_classes=len(labels), scaler=scaler)
