@@ -120,8 +120,9 @@ def parse_jsonl(data: bytes, source: SourceFile, label_column: str, keep: Collec
         # rejected
         try:
             obj = json.loads(line.decode("utf-8", errors="surrogateescape"))
-        except json.JSONDecodeError as e:
-            rows.add(n, None, f"record: line {lineno} is not valid JSON ({e.msg})")
+        except (ValueError, RecursionError) as e:  # JSONDecodeError; an int over 4,300 digits; deep nesting
+            why = e.msg if isinstance(e, json.JSONDecodeError) else str(e).split(";")[0][:120]
+            rows.add(n, None, f"record: line {lineno} is not valid JSON ({why})")
         else:
             if isinstance(obj, dict):
                 rows.add(n, obj)
