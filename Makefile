@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv pretrained sysdeps test test-unit fuzz demo lint bench-fusion bench-embedding-cache clean
+.PHONY: venv pretrained sysdeps test test-unit fuzz demo lint bench bench-fusion bench-embedding-cache clean
 
 venv: $(STAMP)
 
@@ -90,6 +90,15 @@ demo: venv sysdeps $(DATA)/data_card.json
 	done; \
 	$(MMF) request $$url --health >/dev/null || { tail -n 30 $$log; echo "no healthy server after 300 s"; exit 1; }; \
 	$(MMF) request $$url --data $(DATA) --split test
+
+# the scale-and-speed benchmarks (docs/benchmarks.md): each writes bench/results/*.json (+ PNG) as ratios measured
+# side by side in one run against a floor or a peer. Run them on a quiet machine: they measure speed.
+LARGE ?= data/avt_digits_large
+BENCH_TARGETS :=
+bench: venv pretrained sysdeps $(DATA)/data_card.json $(BENCH_TARGETS)
+
+$(LARGE)/data_card.json: | venv sysdeps
+	$(MMF) data build avt-digits --variant large --out $(LARGE)
 
 bench-fusion: venv sysdeps $(DATA)/data_card.json
 	$(PY) bench/fusion_vs_single.py --data $(DATA)
