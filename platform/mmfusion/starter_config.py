@@ -163,7 +163,7 @@ def _train(p: DatasetProfile) -> list[Line]:
         (1, "epochs", epochs, f"{train_rows} train rows: about {epochs * train_rows:,} samples seen in all"),
         (1, "batch_size", 64, "per worker"),
         (1, "num_workers", 1, "DDP ranks; raise on a cluster (and set use_gpu)"),
-        (1, "cpus_per_worker", 1.0, "leave a core to Ray Data on a laptop"),
+        (1, "cpus_per_worker", 1.0, "CPUs Ray reserves per worker; its torch threads fill idle cores"),
         (1, "storage_path", "runs", "run folders (checkpoints, artifact); s3:// or NFS on many nodes"),
         (1, "early_stopping_patience", 5, "stop after 5 epochs without a better val metric"),
         (1, "metric", metric, "macro-F1 counts every class equally: accuracy flatters a majority-class model"
