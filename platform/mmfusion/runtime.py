@@ -61,6 +61,28 @@ def init_ray(address: str | None = None, *, dashboard: bool = True, num_cpus: in
     ctx.print_on_execution_start = is_verbose()  # one "Starting execution" block per dataset per epoch
 
 
+def usable_cpus(local: bool | None = None) -> float:
+    """The CPUs that work on the cluster can really use: the cluster's logical CPUs, but no more than this
+    machine's cores when the cluster is one node on this machine (an embedded cluster declares at least 4
+    logical CPUs on a 2-core laptop, so that Data and Train never wait on each other: threads and actor pools
+    must still be sized to the real cores). The one rule behind the Ray Data preprocessing pool, the
+    predict/evaluate actor pool and the torch threads per training worker.
+
+    Args:
+        local: whether the cluster is one node on this machine (an embedded cluster: True); None asks Ray
+            (one alive node, at this machine's address). Without a started Ray: this machine's cores.
+    """
+    cores = float(max(1, os.cpu_count() or 1))
+    ray = sys.modules.get("ray")  # not started when not even imported: keep `import mmfusion` ray-free
+    if ray is None or not ray.is_initialized():
+        return cores
+    cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
+    if local is None:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        local = len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
+    return min(cpus, cores) if local else cpus
+
+
 def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, strict: bool = True) -> None:
     """Fail fast when the training workers can never fit the cluster, instead of waiting forever.
 

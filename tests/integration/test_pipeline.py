@@ -17,6 +17,7 @@ from mmfusion.config import DataConfig, load_config
 from mmfusion.data import pipeline, plan, rejects
 from mmfusion.data.pipeline import build_datasets, iter_torch_batches
 from mmfusion.errors import DataError
+from mmfusion.runtime import usable_cpus
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,7 @@ def test_acceptance3_bad_rows_rejected_good_rows_flow(ray_local, tmp_path: Path,
     assert bundle.cache == cache and f"data.cache={cache}" in caplog.text
     # the machine's cores: all for the pool before training (memory), all but the 1-CPU worker's beside it
     # (none); and 16 rows in blocks of 8 at least per actor: at most 2
-    actors = plan.preprocess_actors(pipeline._cluster_cpus(), 1 if cache == "none" else 0, 16)
+    actors = plan.preprocess_actors(usable_cpus(), 1 if cache == "none" else 0, 16)
     assert f"preprocessing 16 rows (train, val) with up to {actors} actor(s)" in caplog.text
     assert isinstance(bundle.train, MaterializedDataset) == (cache == "memory")
 

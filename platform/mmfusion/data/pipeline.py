@@ -41,6 +41,7 @@ from mmfusion.data.image import normalize_images
 from mmfusion.data.preprocessor import EMPTY_ROW, META_COLUMNS, Preprocessor, input_spec
 from mmfusion.data.text import load_tokenizer
 from mmfusion.errors import DataError
+from mmfusion.runtime import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
     rows = sum(n for s, n in summary.rows.items() if s in read_splits)
     mode, why = plan.choose_cache(cfg.cache, rows * plan.estimated_row_bytes(spec), _object_store_bytes())
     log.info("%s", why)
-    actors = plan.preprocess_actors(_cluster_cpus(), train_cpus if mode == "none" else 0.0, rows)
+    actors = plan.preprocess_actors(usable_cpus(), train_cpus if mode == "none" else 0.0, rows)
 
     processed = _preprocessed(cfg, summary, read_splits, labels, actors)
     if mode == "memory":  # every epoch reads tensors instead of decoding again
@@ -274,16 +275,6 @@ def _read_units(batch: pa.Table, label_column: str, splits: list[str], modalitie
         for tb in readers.read_unit(unit, label_column, set(splits), modalities):
             if tb.num_rows:
                 yield readers.resolve_media(tb)
-
-
-def _cluster_cpus() -> float:
-    """The CPUs the preprocessing pool may use. A one-node cluster is this machine (an embedded cluster
-    advertises more logical CPUs than it has cores, so that Data and Train never deadlock): its cores."""
-    cores = float(max(1, os.cpu_count() or 1))
-    if not ray.is_initialized():
-        return cores
-    cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)))
-    return min(cpus, cores) if sum(1 for n in ray.nodes() if n.get("Alive")) == 1 else cpus
 
 
 def _object_store_bytes() -> float:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -82,19 +81,11 @@ def cluster_pool(device: Device = "auto") -> Pool:
     """plan_pool for the connected Ray cluster."""
     import ray
 
+    from mmfusion.runtime import usable_cpus
+
     res = ray.cluster_resources()
-    return plan_pool(float(res.get("CPU", 1)), float(res.get("GPU", 0)), device, _local_cores())
-
-
-def _local_cores() -> int | None:
-    """The machine's cores when the cluster is one node on this machine (an embedded cluster), else None."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    here = ray.util.get_node_ip_address()
-    if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == here:
-        return os.cpu_count() or None
-    return None
+    # usable_cpus: the real cores when the cluster is this machine alone (else the cluster's CPUs)
+    return plan_pool(float(res.get("CPU", 1)), float(res.get("GPU", 0)), device, int(usable_cpus()))
 
 
 def batch_rows(num_rows: int, pool_size: int) -> int:

@@ -153,12 +153,12 @@ def worker_threads(num_workers: int, cpus_per_worker: float, embedded: bool, dat
     2 cores: 2 threads, where a 1-CPU reservation would leave a core idle). While data streams, the
     preprocessing pool keeps the cores the workers do not reserve.
     """
-    import os
+    from mmfusion.runtime import usable_cpus
 
     own = max(1, int(cpus_per_worker))
     if not embedded or data_streams:
         return own
-    return max(own, (os.cpu_count() or 1) // num_workers)
+    return max(own, int(usable_cpus(local=True)) // num_workers)
 
 
 def _streams(datasets: dict[str, Any]) -> bool:
