@@ -4,6 +4,7 @@ not Ray's routine chatter; `mmfusion --verbose` prints everything Ray prints.
     configure_logging(verbose)        # the CLI, once: format, levels, the filters below
     filter_ray_output()               # after ray.init: the driver's copy of worker output goes through NOISE
     worker_logging(rank)              # in a Ray Train worker: mmfusion's records formatted like the driver's
+    for x in progress(items, total=n, desc="shards"): ...   # a tqdm bar, only where a person watches
 
 Ray's routine output, per epoch of a run: Ray Data's "Dataset ... execution finished" banners and
 "Progress bars disabled" warnings (from the driver and each SplitCoordinator), Ray Train's controller lines
@@ -132,6 +133,22 @@ def _filtered(print_logs: Callable[[dict[str, Any]], None]) -> Callable[[dict[st
 def _add_filter(handler: logging.Handler) -> None:
     if not any(isinstance(f, NoiseFilter) for f in handler.filters):
         handler.addFilter(NoiseFilter())
+
+
+def bars_enabled() -> bool:
+    """Progress bars only where a person watches: stdout and stderr (the bar's stream) are terminals.
+    Off in log files, pipes, CI and Ray workers (whose output Ray copies line by line)."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def progress(iterable: Iterable[Any], total: int | None = None, desc: str | None = None,
+             unit: str = "it") -> Iterable[Any]:
+    """`iterable` through a tqdm bar on stderr when bars_enabled(), else `iterable` itself."""
+    if not bars_enabled():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def worker_logging(rank: int) -> None:

@@ -92,3 +92,28 @@ def test_worker_output_filter_switches_with_verbose(default_level):
     logs._state["verbose"] = True
     handle({"lines": ROUTINE[:1], "pid": 1})
     assert got[-1] == ROUTINE[:1]
+
+
+def test_progress_bars_draw_only_where_a_person_watches(monkeypatch, capfd):
+    items = [1, 2, 3]
+    monkeypatch.setattr(logs, "bars_enabled", lambda: False)  # a log file, a pipe, CI, a Ray worker
+    assert logs.progress(items, total=3, desc="shards") is items
+    monkeypatch.setattr(logs, "bars_enabled", lambda: True)  # a terminal
+    assert list(logs.progress(items, total=3, desc="shards")) == items
+    assert "shards" in capfd.readouterr().err
+    # pytest's captured streams are no terminal: the real check turns bars off here
+    monkeypatch.undo()
+    assert logs.bars_enabled() is False
+
+
+def test_loading_an_hf_model_draws_no_transformers_bar(tmp_path, capfd):
+    from tests.tiny_hf import save_tiny_text_model
+    from transformers.utils import logging as hf_logging
+
+    from mmfusion.models.encoders import load_hf_model
+
+    bert, _ = save_tiny_text_model(tmp_path)
+    hf_logging.enable_progress_bar()  # transformers' default: its "Loading weights" bar on stderr
+    capfd.readouterr()
+    load_hf_model(str(bert))
+    assert "Loading weights" not in capfd.readouterr().err

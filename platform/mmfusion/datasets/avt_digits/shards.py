@@ -160,14 +160,17 @@ def _worker_shard(job: ShardJob) -> dict[str, Any]:
 
 def run_shards(ctx: ShardContext, jobs: list[ShardJob], workers: int) -> list[dict[str, Any]]:
     """Write every shard; in `workers` processes when there are several shards. -> per-shard statistics"""
+    from mmfusion.logs import progress
+
     t0 = time.perf_counter()
     if workers <= 1 or len(jobs) == 1:
-        results = (_write_shard(ctx, j) for j in jobs)
+        results = progress((_write_shard(ctx, j) for j in jobs), total=len(jobs), desc="shards", unit="shard")
         return [_log_progress(st, k, len(jobs), t0) for k, st in enumerate(results, 1)]
     # spawn, not fork: the caller may have threads (Ray, torch) that fork would copy in a broken state
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(ctx,)) as pool:
-        return [_log_progress(st, k, len(jobs), t0) for k, st in enumerate(pool.map(_worker_shard, jobs), 1)]
+        results = progress(pool.map(_worker_shard, jobs), total=len(jobs), desc="shards", unit="shard")
+        return [_log_progress(st, k, len(jobs), t0) for k, st in enumerate(results, 1)]
 
 
 def _log_progress(stats: dict[str, Any], done: int, total: int, t0: float) -> dict[str, Any]:

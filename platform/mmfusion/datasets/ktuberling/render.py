@@ -85,10 +85,14 @@ def render_sprite(rsvg: Path, sprite: Sprite, tmp: Path) -> bytes | None:
 
 def render_all(rsvg: Path, sprites: Sequence[Sprite], workers: int = 2) -> list[bytes | None]:
     """PNG bytes (None: nothing visible) per sprite, in order; `workers` rsvg-convert processes at a time."""
+    from mmfusion.logs import progress
+
     t0 = time.perf_counter()
     out: list[bytes | None] = []
     with tempfile.TemporaryDirectory(prefix="ktuberling-render-") as d, ThreadPoolExecutor(workers) as pool:
-        for i, png in enumerate(pool.map(lambda s: render_sprite(rsvg, s, Path(d)), sprites), 1):
+        pngs = progress(pool.map(lambda s: render_sprite(rsvg, s, Path(d)), sprites), total=len(sprites),
+                        desc="sprites", unit="sprite")
+        for i, png in enumerate(pngs, 1):
             out.append(png)
             if i % 100 == 0 or i == len(sprites):
                 log.info("rendered %d/%d sprites (%.0f s)", i, len(sprites), time.perf_counter() - t0)

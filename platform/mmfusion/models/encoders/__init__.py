@@ -185,6 +185,9 @@ def load_hf_model(name_or_path: str, pretrained: bool = True) -> Any:
     network) a hub name must already be in the local cache. Errors name the model and what to do.
     """
     from transformers import AutoConfig, AutoModel  # heavy: imported only when an hf encoder is built
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar: line by line in Ray workers' logs
 
     given, name_or_path = name_or_path, resolve_pretrained(name_or_path)
     local = Path(name_or_path).expanduser()
