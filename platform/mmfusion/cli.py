@@ -69,15 +69,9 @@ def _model_summary(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from mmfusion.config import load_config
-    from mmfusion.runtime import absolute_path
-    from mmfusion.train.tracking import finish_run
     from mmfusion.train.trainer import run_training
 
-    cfg = load_config(args.config, args.overrides)
-    run = run_training(cfg, address=args.address)
-    # the artifact's plots into TensorBoard, the folder into MLflow (rank 0 logged the epochs)
-    finish_run(cfg, f"{absolute_path(cfg.train.storage_path).rstrip('/')}/{run.name}", run.artifact,
-               step=int(run.metrics["epochs_run"]) - 1)
+    run = run_training(load_config(args.config, args.overrides), address=args.address)  # tracking finished
     sys.stdout.write(f"{run.location or run.artifact}\n")
     return 0
 

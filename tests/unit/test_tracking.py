@@ -119,3 +119,63 @@ def test_an_unreachable_mlflow_server_warns_and_training_goes_on(tmp_path, data_
     assert "MLflow at http://127.0.0.1:9 unavailable" in caplog.text
     assert [e.value for e in _events(tmp_path / "runs" / "r1" / "tensorboard").Scalars("val_accuracy")] == [
         0.25, 0.5]
+
+
+def _status(cfg, storage: Path, run: Path) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri(cfg, str(storage)))
+    return client.get_run(find_mlflow_run(client, "toy", str(run))).info.status
+
+
+def test_a_failed_run_ends_failed_an_interrupted_one_killed_and_others_stay(tmp_path, data_dir):
+    from mmfusion.train.tracking import end_run, end_status
+
+    storage = tmp_path / "runs"
+    cfg = _cfg(data_dir, storage, "mlflow")
+    runs = [storage / f"r{i}" for i in range(3)]
+    for run in runs:  # rank 0 logs the epochs and leaves the run RUNNING for the driver
+        t = Tracker(cfg, str(run))
+        t.log_epoch(METRICS[0])
+        t.close()
+    end_run(cfg, str(runs[0]), end_status(RuntimeError("worker died")))
+    end_run(cfg, str(runs[1]), end_status(KeyboardInterrupt()))
+    assert [_status(cfg, storage, r) for r in runs] == ["FAILED", "KILLED", "RUNNING"]
+    # a whole Tune experiment
+    end_run(cfg, None, "KILLED", experiment="toy", uri=mlflow_uri(cfg, str(storage)))
+    assert [_status(cfg, storage, r) for r in runs] == ["FAILED", "KILLED", "KILLED"]  # ended runs kept
+
+
+@pytest.mark.parametrize(("error", "status"),
+                         [(KeyboardInterrupt(), "KILLED"), (RuntimeError("x"), "FAILED")])
+def test_run_training_ends_the_mlflow_run_when_fit_stops(tmp_path, data_dir, monkeypatch, error, status):
+    """run_training owns the tracking's end (cli, jobs and scripts alike): a fit that raises leaves no RUNNING
+    run behind, and the error still reaches the caller."""
+    import sys
+    import types
+
+    import mmfusion.runtime
+    from mmfusion.train import trainer
+
+    storage = tmp_path / "runs"
+    cfg = _cfg(data_dir, storage, "mlflow")
+    cfg.train.run_name = "r1"
+    t = Tracker(cfg, str(storage / "r1"))  # what rank 0 opened before the fit stopped
+    t.log_epoch(METRICS[0])
+
+    class Trainer:
+        def fit(self):
+            raise error
+
+    bundle = types.SimpleNamespace(train=None, val=None, train_rows=1, val_rows=0, labels=["1"],
+                                   num_rejected=0)
+    monkeypatch.setattr(mmfusion.runtime, "init_ray", lambda address=None: None)
+    monkeypatch.setattr(mmfusion.runtime, "check_fits", lambda *a, **k: None)
+    monkeypatch.setitem(sys.modules, "mmfusion.data.pipeline",
+                        types.SimpleNamespace(build_datasets=lambda *a, **k: bundle))
+    monkeypatch.setattr(trainer, "with_embedding_cache", lambda cfg, d, info: (d, info, None))
+    monkeypatch.setattr(trainer, "data_info", lambda b: {})
+    monkeypatch.setattr(trainer, "build_trainer", lambda *a, **k: Trainer())
+    with pytest.raises(type(error)):
+        trainer.run_training(cfg)
+    assert _status(cfg, storage, storage / "r1") == status

@@ -5,6 +5,7 @@
     tracker.close()
     finish_run(cfg, run_location, artifact)    # the driver, once the artifact exists: its PNGs as TensorBoard
                                                # images, the folder as MLflow artifacts, driver-only tags
+    end_run(cfg, run_location, "FAILED")       # the driver, when the run failed (KILLED: interrupted)
 
 Where things go (`train.tracking` picks the trackers; default [tensorboard]):
     TensorBoard  <run folder>/tensorboard: scalars per epoch and the resolved config as hparams, so that
@@ -240,9 +241,11 @@ def open_mlflow_run(uri: str, experiment: str, run_location: str, run_name: str,
 
 
 def finish_run(cfg: ExperimentConfig, run_loc: str, artifact: Path | None, *, experiment: str | None = None,
-               uri: str | None = None, extra: Path | None = None, step: int = 0) -> None:
+               uri: str | None = None, extra: Path | None = None, step: int = 0,
+               status: str = "FINISHED") -> None:
     """Driver side, after training: the artifact's PNGs into TensorBoard, and into the run's MLflow run the
-    artifact folder (and `extra` as "checkpoint": a Tune trial's last one), tags and the FINISHED status."""
+    artifact folder (and `extra` as "checkpoint": a Tune trial's last one), tags and `status` (FINISHED, or
+    FAILED for a Tune trial that errored)."""
     if "tensorboard" in cfg.train.tracking and artifact is not None:
         log_images(f"{run_loc.rstrip('/')}/tensorboard", sorted(Path(artifact).glob("*.png")), step)
     if "mlflow" not in cfg.train.tracking:
@@ -251,14 +254,14 @@ def finish_run(cfg: ExperimentConfig, run_loc: str, artifact: Path | None, *, ex
     if uri is None:
         return
     try:
-        _finish_mlflow(cfg, run_loc, artifact, experiment, uri, extra)
+        _finish_mlflow(cfg, run_loc, artifact, experiment, uri, extra, status)
     except Exception as e:  # the run is trained and its artifact written: report, don't fail it
         log.warning("MLflow at %s: could not log the artifact of %s: %s: %s", uri, run_loc,
                     type(e).__name__, e)
 
 
 def _finish_mlflow(cfg: ExperimentConfig, run_loc: str, artifact: Path | None, experiment: str | None,
-                   uri: str, extra: Path | None) -> None:
+                   uri: str, extra: Path | None, status: str) -> None:
     client = _client(uri)
     run_id = find_mlflow_run(client, experiment or default_experiment(cfg), run_loc)
     if run_id is None:
@@ -273,7 +276,38 @@ def _finish_mlflow(cfg: ExperimentConfig, run_loc: str, artifact: Path | None, e
         client.log_artifacts(run_id, str(artifact), "artifact")
     if extra is not None:
         client.log_artifacts(run_id, str(extra), "checkpoint")
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, status)
+
+
+def end_status(error: BaseException) -> str:
+    """MLflow's end status of a run stopped by `error`: KILLED when a person or a signal stopped it."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED"
+
+
+def end_run(cfg: ExperimentConfig, run_loc: str | None, status: str, *, experiment: str | None = None,
+            uri: str | None = None) -> None:
+    """Driver side, when a run (run_loc) or every run of a Tune experiment (run_loc None, `experiment` named)
+    failed or was interrupted: its MLflow runs that rank 0 left RUNNING end as `status` (FAILED or KILLED),
+    so that MLflow never lists a dead run as running. Never raises: the run's own error is the one to see."""
+    if "mlflow" not in cfg.train.tracking:
+        return
+    uri = uri or (mlflow_uri(cfg, run_loc.rstrip("/").rsplit("/", 1)[0]) if run_loc else None)
+    if uri is None:
+        return
+    try:
+        client = _client(uri)
+        exp = client.get_experiment_by_name(experiment or default_experiment(cfg))
+        if exp is None:
+            return
+        where = "attributes.status = 'RUNNING'"
+        if run_loc is not None:
+            where += f" and tags.`{RUN_PATH_TAG}` = '{run_loc}'"
+        for run in client.search_runs([exp.experiment_id], filter_string=where):
+            client.set_terminated(run.info.run_id, status)
+            log.info("MLflow run %s (%s) ended as %s", run.info.run_id, run.info.run_name, status)
+    except Exception as e:
+        log.warning("MLflow at %s: could not end the runs of %s as %s: %s: %s", uri, run_loc or experiment,
+                    status, type(e).__name__, e)
 
 
 def log_images(location: str, pngs: list[Path], step: int) -> None:

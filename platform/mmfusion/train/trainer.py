@@ -47,6 +47,7 @@ def run_training(cfg: ExperimentConfig, address: str | None = None) -> TrainRun:
 
     from mmfusion.data.pipeline import build_datasets
     from mmfusion.runtime import absolute_path, check_fits, env_address, init_ray
+    from mmfusion.train.tracking import end_run, end_status, finish_run
 
     tc = cfg.train
     name = tc.run_name or default_run_name(cfg)
@@ -65,17 +66,26 @@ def run_training(cfg: ExperimentConfig, address: str | None = None) -> TrainRun:
     trainer = build_trainer(cfg, datasets, info, name, storage, embedded=embedded)
     log.info("training run %s (storage %s): %d worker(s), %s", name, storage, tc.num_workers,
              "GPU" if tc.use_gpu else "CPU")
+    run_loc = f"{storage.rstrip('/')}/{name}"  # Ray Train's run folder: the trackers' run (tracking.py)
     try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        from mmfusion.train.worker import user_error
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            from mmfusion.train.worker import user_error
 
-        cause = user_error(e, f"training run {name} failed")  # e.g. TrainingDivergedError: its one line
-        if cause is not None:
-            raise cause from None
-        raise MmfusionError(f"training run {name} failed: {e}") from None
-    return export_run(result, cfg, bundle, name, storage,
-                      extra={"embedding_cache": cache.summary()} if cache is not None else None)
+            cause = user_error(e, f"training run {name} failed")  # e.g. TrainingDivergedError: its one line
+            if cause is not None:
+                raise cause from None
+            raise MmfusionError(f"training run {name} failed: {e}") from None
+        run = export_run(result, cfg, bundle, name, storage,
+                         extra={"embedding_cache": cache.summary()} if cache is not None else None)
+    except BaseException as e:  # Ctrl-C too: MLflow must not list the run as running forever
+        end_run(cfg, run_loc, end_status(e))
+        raise
+    # the artifact's plots into TensorBoard, the folder into MLflow (rank 0 logged the epochs): here, so
+    # `mmfusion train`, jobs and scripts calling run_training all finish their tracking (Tune: finish_trials)
+    finish_run(cfg, run_loc, run.artifact, step=int(run.metrics["epochs_run"]) - 1)
+    return run
 
 
 def data_info(bundle: Any) -> dict[str, Any]:

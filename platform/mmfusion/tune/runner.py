@@ -117,8 +117,14 @@ def run_tune(cfg: ExperimentConfig, address: str | None = None) -> TuneRun:
         )
     log.info("tune experiment %s: %d sample(s), search=%s, scheduler=%s, metric=%s (%s)", name,
              tu.num_samples, tu.search, tu.scheduler, metric, mode)
-    grid = tuner.fit()
-    out = summarize(grid, cfg, base, bundle, name, exp_path, metric, mode)
+    try:
+        grid = tuner.fit()
+        out = summarize(grid, cfg, base, bundle, name, exp_path, metric, mode)
+    except BaseException as e:  # Ctrl-C too: the trials' MLflow runs must not stay RUNNING forever
+        from mmfusion.train.tracking import end_run, end_status
+
+        end_run(cfg, None, end_status(e), experiment=name, uri=tracking["mlflow_uri"])
+        raise
     finish_trials(cfg, out.rows, exp_path, out.artifact, best_id=out.best_id, tracking=tracking)
     return out
 
@@ -176,7 +182,8 @@ def finish_trials(cfg: ExperimentConfig, rows: list[dict[str, Any]], exp_path: s
     for r in rows:
         loc = f"{exp_path}/train/trial-{r['trial_id']}"
         step = max(0, int(r["epochs"]) - 1)
-        kw = {"experiment": tracking["experiment"], "uri": tracking["mlflow_uri"], "step": step}
+        kw = {"experiment": tracking["experiment"], "uri": tracking["mlflow_uri"], "step": step,
+              "status": "FAILED" if r["status"] == "error" else "FINISHED"}
         if str(r["trial_id"]) == best_id:
             finish_run(cfg, loc, best_artifact, **kw)
             continue
