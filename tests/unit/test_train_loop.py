@@ -56,6 +56,22 @@ def test_training_learns_a_separable_toy_problem():
     assert torch.allclose(probs.sum(-1), torch.ones(32))
 
 
+def test_epoch_stats_time_the_first_step_after_the_first_batch_arrives():
+    import time
+
+    def slow_batches():  # the first batch takes a while to arrive, like a data pipeline starting up
+        time.sleep(0.05)
+        yield from _batches(2)
+
+    model = Toy()
+    opt = build_optimizer(model.parameters(), "sgd", 0.01, 0.0)
+    before = time.time()
+    stats = train_one_epoch(model, slow_batches(), opt, None, torch.device("cpu"))
+    assert before + 0.05 <= stats.first_step_at <= time.time()
+    assert stats.seconds >= 0.05  # the wait for data is in the epoch's time
+    assert train_one_epoch(model, [], opt, None, torch.device("cpu")).first_step_at is None
+
+
 def test_scheduler_warmup_then_cosine_to_zero():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = build_scheduler(opt, "cosine", total_steps=10, warmup_steps=2)

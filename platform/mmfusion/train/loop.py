@@ -155,6 +155,7 @@ class EpochStats:
     samples: int
     seconds: float
     confusion: np.ndarray | None = None  # (K, K) counts, rows = true class; None without num_classes
+    first_step_at: float | None = None  # wall clock (time.time()) when the first batch arrived
 
     @property
     def samples_per_s(self) -> float:
@@ -198,8 +199,9 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Tensor]], opti
     scaler = scaler if scaler is not None else grad_scaler(device, precision)
     weight = class_weight.to(device) if class_weight is not None else None
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device) if num_classes else None
-    loss_sum, correct, count, t0 = 0.0, 0, 0, time.perf_counter()
+    loss_sum, correct, count, t0, first = 0.0, 0, 0, time.perf_counter(), None
     for step, batch in enumerate(batches):
+        first = first or time.time()
         batch = to_device(batch, device)
         labels = batch["label"]  # (B,)
         with autocast_context(device, precision):
@@ -234,7 +236,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Tensor]], opti
             log.info("  step %d loss %.4f", step, value)
     loss_sum, correct, count, cm_np = _reduce(loss_sum, correct, count, cm, device)
     return EpochStats(loss_sum / max(count, 1), correct / max(count, 1), count, time.perf_counter() - t0,
-                      cm_np)
+                      cm_np, first)
 
 
 @torch.no_grad()

@@ -153,7 +153,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         else:
             state.bad_epochs += 1
         state.epoch = epoch
-        state.history.append(metrics)
+        state.history.append({**metrics, "first_step_at": tr.first_step_at})  # wall clock: start-up benches
         state.stopped_early = bool(tc.early_stopping_patience
                                    and state.bad_epochs >= tc.early_stopping_patience)
         if share is not None:  # the verdict so far; the last checkpoint's is the run's (metrics.json)
