@@ -1,7 +1,7 @@
 """Ray Train against plain torchrun DDP over the same preprocessed rows: steady-state samples/s and start-up
 (issue 15, acceptance 1: ray / torchrun >= 0.97).
 
-    .venv/bin/python bench/train_overhead.py [--data data/avt_digits] [--epochs 4] [--rounds 3]
+    .venv/bin/python bench/train_overhead.py [--data data/avt_digits] [--epochs 4] [--rounds 4]
         [--train-rows 2400] [--val-rows 200] [--workers 2] [--threads 1]
         [--out bench/results/train_overhead.json]
 
@@ -50,7 +50,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(REPO / "data" / "avt_digits"))
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--train-rows", type=int, default=2400, help="0: the whole train split")
     p.add_argument("--val-rows", type=int, default=200, help="0: the whole val split")
     p.add_argument("--workers", type=int, default=2, help="DDP ranks on both sides")
