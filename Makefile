@@ -95,6 +95,7 @@ demo: venv sysdeps $(DATA)/data_card.json
 # side by side in one run against a floor or a peer. Run them on a quiet machine: they measure speed.
 LARGE ?= data/avt_digits_large
 BENCH_TARGETS :=
+BENCH_TARGETS += bench-train-overhead bench-model-floor
 BENCH_TARGETS += bench-tune-asha
 bench: venv pretrained sysdeps $(DATA)/data_card.json $(BENCH_TARGETS)
 
@@ -113,6 +114,17 @@ bench-embedding-cache: venv pretrained sysdeps $(DATA)/data_card.json
 .PHONY: bench-tune-asha
 bench-tune-asha: venv sysdeps $(DATA)/data_card.json
 	$(PY) bench/tune_asha.py --data $(DATA)
+
+# Ray Train (2 workers x 1 thread) against plain torchrun DDP over the same preprocessed rows: steady-state
+# samples/s, start-up apart, 4 interleaved rounds, about 6 minutes. Figures: bench/results/train_overhead.json
+.PHONY: bench-train-overhead bench-model-floor
+bench-train-overhead: venv sysdeps $(DATA)/data_card.json
+	$(PY) bench/train_overhead.py --data $(DATA)
+
+# FLOPs/sample against a measured fp32 GEMM rate: the floor and the CPU MFU of the achieved training throughput
+# (reads train_overhead.json when there, so make bench runs it after bench-train-overhead). model_floor.json
+bench-model-floor: venv $(DATA)/data_card.json
+	$(PY) bench/model_floor.py
 
 lint: venv
 	$(VENV)/bin/ruff check platform tests bench jobs
