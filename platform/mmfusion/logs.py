@@ -105,6 +105,7 @@ def filter_ray_output() -> None:
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
         for h in logging.getLogger(name).handlers:
             _add_filter(h)
+    _spend_actor_args_error()
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
@@ -112,6 +113,40 @@ def filter_ray_output() -> None:
     with dispatcher._lock:
         dispatcher.handlers = [(name, _filtered(fn) if name == "ray_print_logs" else fn)
                                for name, fn in dispatcher.handlers]
+
+
+def _spend_actor_args_error() -> None:
+    """The driver's own core_worker line of ray#53727, which no Python filter sees (C++ writes it straight to
+    the process's stderr): Ray logs it once per process, as an ERROR, when the process creates an actor with
+    constructor arguments in the object store and max_restarts > 0. Every Ray Data actor pool is such an actor
+    (its operator passes its context and transform as object refs, which it holds for the pool's life, so the
+    restart the line warns about works). Ray's "once" is spent here, on a throwaway actor created while
+    stderr points at /dev/null for that one call; later lines of any kind print as before. Not with
+    --verbose; once per process."""
+    import ray
+
+    if _state["verbose"] or _state.get("actor_args_spent") or not ray.is_initialized():
+        return
+    _state["actor_args_spent"] = True
+
+    @ray.remote(num_cpus=0, max_restarts=1)
+    class _ArgsProbe:
+        def __init__(self, arg: Any) -> None:
+            pass
+
+    import os
+
+    ref = ray.put(0)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            probe = _ArgsProbe.remote(ref)  # Ray writes its line synchronously, in this call
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    ray.kill(probe)
 
 
 def _filtered(print_logs: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
