@@ -229,6 +229,9 @@ class TrainConfig(Strict):
     # experiment trackers rank 0 writes to: tensorboard (<run folder>/tensorboard), mlflow (train.mlflow_uri)
     tracking: list[Literal["tensorboard", "mlflow"]] = ["tensorboard"]
     mlflow_uri: str | None = None  # MLflow tracking URI (a server); default file:<storage_path>/mlruns
+    # also every N optimizer steps: train_loss_step and lr_step (step = global step) beside the per-epoch
+    # scalars; 0 = per epoch only
+    log_every_n_steps: int = Field(50, ge=0)
     # auto: when every encoder is frozen, embed each split once (Ray Data batch inference) into
     # <storage_path>/embedding_cache/<key> and train the head on the embeddings (reused by later runs and Tune
     # trials; a new key, i.e. other weights, preprocessing or data files, builds anew). off: encode every step

@@ -179,3 +179,35 @@ def test_run_training_ends_the_mlflow_run_when_fit_stops(tmp_path, data_dir, mon
     with pytest.raises(type(error)):
         trainer.run_training(cfg)
     assert _status(cfg, storage, storage / "r1") == status
+
+
+def test_step_scalars_go_beside_the_epoch_ones_and_a_resume_drops_repeated_steps(tmp_path, data_dir):
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cfg(data_dir, tmp_path / "runs", "tensorboard", "mlflow")
+    run = tmp_path / "runs" / "r1"
+    first = Tracker(cfg, str(run))
+    for step, loss in ((50, 2.0), (100, 1.5)):
+        first.log_step(step, {"train_loss": loss, "lr": 1e-3})
+    first.log_epoch(METRICS[0])
+    first.close()
+    again = Tracker(cfg, str(run), start_epoch=1)  # resumed: step 100 was lost with the crashed epoch
+    again.log_step(100, {"train_loss": 1.25, "lr": 1e-3})
+    again.close()
+    steps = _events(run / "tensorboard" / "steps")
+    assert [(e.step, e.value) for e in steps.Scalars("train_loss_step")] == [(50, 2.0), (100, 1.25)]
+    assert [e.step for e in _events(run / "tensorboard").Scalars("train_loss")] == [0]  # the epoch axis
+    client = MlflowClient(mlflow_uri(cfg, str(tmp_path / "runs")))
+    history = client.get_metric_history(first.run_id, "train_loss_step")
+    assert sorted(m.step for m in history) == [50, 100, 100]  # MLflow keeps every point it was sent
+
+
+def test_log_every_n_steps_is_validated_and_kept_out_of_the_run_name(data_dir):
+    from mmfusion.errors import ConfigError
+    from mmfusion.train.trainer import default_run_name
+
+    with pytest.raises(ConfigError, match="log_every_n_steps"):
+        validate_config({"data": {"path": str(data_dir)}, "train": {"log_every_n_steps": -1}})
+    a, b = (validate_config({"data": {"path": str(data_dir)}, "train": {"log_every_n_steps": n}})
+            for n in (0, 7))
+    assert default_run_name(a) == default_run_name(b)  # how often to log, not what to train: same run

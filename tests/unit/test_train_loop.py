@@ -238,3 +238,14 @@ def test_param_groups_give_encoders_their_own_lr_and_no_decay_to_norms():
     assert {g["lr"] for g in param_groups(model, 1e-3, 0.1, 3e-4)} == {3e-4, 1e-3}
     opt = build_optimizer(groups, "adamw", 1e-3, 0.1)
     assert sorted(g["lr"] for g in opt.param_groups) == sorted(g["lr"] for g in groups)
+
+
+def test_on_step_sees_every_optimizer_step_with_its_loss():
+    torch.manual_seed(0)
+    model = Toy()
+    opt = build_optimizer(model.parameters(), "adamw", 0.05, 0.0)
+    seen: list[tuple[int, float]] = []
+    stats = train_one_epoch(model, _batches(5), opt, None, torch.device("cpu"),
+                            on_step=lambda step, loss: seen.append((step, loss)))
+    assert [s for s, _ in seen] == [0, 1, 2, 3, 4]
+    assert sum(loss for _, loss in seen) / 5 == pytest.approx(stats.loss)  # equal batches: the epoch mean

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,9 +187,11 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Tensor]], opti
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, device: torch.device,
                     precision: str = "auto", grad_clip: float | None = None, log_every: int = 0, *,
                     epoch: int = 0, class_weight: Tensor | None = None, label_smoothing: float = 0.0,
-                    num_classes: int | None = None, scaler: torch.amp.GradScaler | None = None) -> EpochStats:
+                    num_classes: int | None = None, scaler: torch.amp.GradScaler | None = None,
+                    on_step: Callable[[int, float], None] | None = None) -> EpochStats:
     """One pass over `batches`. `epoch` (0-based) only names the epoch in errors. `scaler` (fp16): the
     caller's GradScaler, so its scale carries over epochs and into checkpoints; made here when None.
+    `on_step(step, loss)`: called after each optimizer step (step 0-based within the epoch, this rank's loss).
 
     Raises:
         TrainingDivergedError: the loss is NaN or infinite (raised before the step would spread it to the
@@ -225,6 +227,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Tensor]], opti
         scaler.update()
         if scheduler is not None:
             scheduler.step()
+        if on_step is not None:
+            on_step(step, value)
         n = labels.shape[0]
         preds = logits.detach().argmax(-1)  # (B,)
         loss_sum += value * n

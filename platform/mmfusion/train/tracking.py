@@ -2,6 +2,7 @@
 
     tracker = open_tracker(cfg, config.get("tracking"), start_epoch)  # every worker; a no-op off rank 0
     tracker.log_epoch(metrics)                 # one scalar per reported metric, step = epoch
+    tracker.log_step(step, {"train_loss": x})  # every train.log_every_n_steps: <name>_step at the global step
     tracker.close()
     finish_run(cfg, run_location, artifact)    # the driver, once the artifact exists: its PNGs as TensorBoard
                                                # images, the folder as MLflow artifacts, driver-only tags
@@ -102,6 +103,7 @@ class Tracker:
     def __init__(self, cfg: ExperimentConfig, run_location: str, start_epoch: int = 0,
                  experiment: str | None = None, uri: str | None = None, enabled: bool = True) -> None:
         self.writer: Any = None
+        self.step_writer: Any = None  # train.log_every_n_steps' scalars (<tensorboard>/steps), on first use
         self.mlflow: Any = None  # MlflowClient
         self.run_id: str | None = None
         self.tb_location = f"{run_location.rstrip('/')}/tensorboard"
@@ -124,14 +126,32 @@ class Tracker:
                     log.warning("MLflow at %s unavailable, not logging to it: %s: %s", uri,
                                 type(e).__name__, e)
 
+    @property
+    def active(self) -> bool:
+        return self.writer is not None or self.mlflow is not None
+
     def log_epoch(self, metrics: dict[str, Any]) -> None:
         step = int(metrics.get("epoch", 0))
-        scalars = {k: float(v) for k, v in metrics.items()
-                   if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool)}
-        if self.writer is not None:
+        self._write({k: float(v) for k, v in metrics.items()
+                     if k != "epoch" and isinstance(v, int | float) and not isinstance(v, bool)}, step)
+
+    def log_step(self, step: int, scalars: dict[str, float]) -> None:
+        """One optimizer step's scalars (train.log_every_n_steps), as `<name>_step` at the global step (the
+        per-epoch scalars keep their own names and the epoch axis). TensorBoard: in <tensorboard>/steps, a
+        writer of its own whose purge step is the first step logged, so a resumed run drops the steps it
+        repeats there too (the epoch writer purges by epoch)."""
+        if self.writer is not None and self.step_writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.step_writer = SummaryWriter(str(Path(self.writer.log_dir) / "steps"), purge_step=step)
+        self._write({f"{k}_step": float(v) for k, v in scalars.items()}, step, self.step_writer)
+
+    def _write(self, scalars: dict[str, float], step: int, writer: Any = None) -> None:
+        writer = writer or self.writer
+        if writer is not None:
             for k, v in scalars.items():
-                self.writer.add_scalar(k, v, step)
-            self.writer.flush()  # a running `tensorboard` shows each epoch as it ends
+                writer.add_scalar(k, v, step)
+            writer.flush()  # a running `tensorboard` shows each point as it comes
         if self.mlflow is not None:
             from mlflow.entities import Metric
 
@@ -144,6 +164,9 @@ class Tracker:
                 self.mlflow = None
 
     def close(self) -> None:
+        if self.step_writer is not None:
+            self.step_writer.close()
+            self.step_writer = None
         if self.writer is not None:
             from torch.utils.tensorboard.summary import hparams
 

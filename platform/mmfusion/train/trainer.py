@@ -33,7 +33,8 @@ class TrainRun:
 def default_run_name(cfg: ExperimentConfig) -> str:
     """Stable for the same resolved config, so re-running the same command resumes the same run."""
     identity = cfg.model_dump(mode="json")
-    for k in ("max_failures", "artifact_dir", "run_name", "storage_path", "tracking", "mlflow_uri"):
+    for k in ("max_failures", "artifact_dir", "run_name", "storage_path", "tracking", "mlflow_uri",
+              "log_every_n_steps"):
         identity["train"].pop(k, None)  # how and where to run, not what to train
     identity["data"].pop("cache", None)
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]

@@ -127,6 +127,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     state.starts.append(start)
     tracker = open_tracker(cfg, config.get("tracking"), start)  # rank 0: TensorBoard/MLflow (train.tracking)
 
+    every = tc.log_every_n_steps if tracker.active else 0  # rank 0 only: the others' tracker is off
+    step_count = [start * steps_per_epoch]  # global optimizer steps (approximate after a resume)
+
+    def on_step(_: int, loss: float) -> None:
+        step_count[0] += 1
+        if step_count[0] % every == 0:
+            lr = oc.lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0]  # the head's, as per epoch
+            tracker.log_step(step_count[0], {"train_loss": loss, "lr": lr})
+
     train_shard = ray.train.get_dataset_shard("train")  # [ray]
     val_shard = ray.train.get_dataset_shard("val")  # [ray]
     for epoch in range(start, tc.epochs):
@@ -137,7 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                                      pin_memory=device.type == "cuda")  # batches arrive on `device`
         tr = train_one_epoch(model, batches, optimizer, scheduler, device, tc.precision, oc.grad_clip,
                              epoch=epoch, class_weight=weight, label_smoothing=oc.label_smoothing,
-                             num_classes=len(labels), scaler=scaler)
+                             num_classes=len(labels), scaler=scaler, on_step=on_step if every else None)
         va = evaluate(model, iter_torch_batches(val_shard, tc.batch_size, batch_spec), device, tc.precision,
                       num_classes=len(labels))
         metrics = {"epoch": epoch, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
