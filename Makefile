@@ -95,6 +95,7 @@ demo: venv sysdeps $(DATA)/data_card.json
 # side by side in one run against a floor or a peer. Run them on a quiet machine: they measure speed.
 LARGE ?= data/avt_digits_large
 BENCH_TARGETS :=
+BENCH_TARGETS += bench-ingest bench-memory
 BENCH_TARGETS += bench-train-overhead bench-model-floor
 BENCH_TARGETS += bench-tune-asha
 bench: venv pretrained sysdeps $(DATA)/data_card.json $(BENCH_TARGETS)
@@ -125,6 +126,18 @@ bench-train-overhead: venv sysdeps $(DATA)/data_card.json
 # (reads train_overhead.json when there, so make bench runs it after bench-train-overhead). model_floor.json
 bench-model-floor: venv $(DATA)/data_card.json
 	$(PY) bench/model_floor.py
+
+# the Ray Data pipeline against a torch DataLoader (2 workers), files -> collated batches, rows/s; and the share
+# of train step time spent waiting on data (data.cache memory and none, against an in-memory mock), on rows of
+# the large AVT-Digits variant; about 10 minutes on 2 cores. Figures: bench/results/ingest.json
+.PHONY: bench-ingest bench-memory
+bench-ingest: venv sysdeps $(LARGE)/data_card.json
+	$(PY) bench/ingest.py --data $(LARGE)
+
+# peak object-store bytes and driver RSS per 1,000 rows, data.cache memory against none, at two row counts of
+# the large variant (one fresh process each); about 8 minutes. Figures: bench/results/memory.json
+bench-memory: venv sysdeps $(LARGE)/data_card.json
+	$(PY) bench/memory.py --data $(LARGE)
 
 lint: venv
 	$(VENV)/bin/ruff check platform tests bench jobs
