@@ -236,6 +236,9 @@ class TrainConfig(Strict):
     # <storage_path>/embedding_cache/<key> and train the head on the embeddings (reused by later runs and Tune
     # trials; a new key, i.e. other weights, preprocessing or data files, builds anew). off: encode every step
     embedding_cache: Literal["auto", "off"] = "auto"
+    # cache folders kept per encoder (same weights), the most recently used; older ones are deleted when a run
+    # uses the cache (never one used in the last 10 minutes); None keeps them all
+    embedding_cache_keep: int | None = Field(3, ge=1)
 
     @field_validator("embedding_cache", mode="before")
     @classmethod

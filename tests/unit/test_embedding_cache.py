@@ -30,6 +30,8 @@ from mmfusion.train.embedding_cache import (
     emb_key,
     enabled,
     key_parts,
+    media_fingerprint,
+    prune,
     weights_hash,
 )
 
@@ -58,7 +60,8 @@ def config(bert: Path, tok: Path, data: Path, *overrides: tuple[str, object]) ->
 
 def key_of(cfg: ExperimentConfig) -> str:
     model = build_frozen_model(cfg, input_spec(cfg.data), len(LABELS))
-    return cache_key(key_parts(cfg, LABELS, backbone_hashes(model), data_fingerprints(cfg.data.path)))
+    media = media_fingerprint(cfg.data.path, list(cfg.data.modalities), cfg.data.label_column)
+    return cache_key(key_parts(cfg, LABELS, backbone_hashes(model), data_fingerprints(cfg.data.path), media))
 
 
 def test_enabled_only_when_every_encoder_is_frozen(tiny: tuple[Path, Path, Path]) -> None:
@@ -100,6 +103,63 @@ def test_key_is_stable_and_changes_with_each_part(tiny: tuple[Path, Path, Path],
         retrained.embeddings.word_embeddings.weight[5] += 1.0
     retrained.save_pretrained(tmp_path / "bert2")
     assert key_of(config(tmp_path / "bert2", tok, data)) != base  # encoder weights
+
+
+def touch(path: Path, seconds: int) -> None:
+    """Move a file's modification time `seconds` into the future (or the past)."""
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+def test_media_files_named_by_the_records_are_part_of_the_key(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "img" / name).write_bytes(b"not decoded here")
+    manifest = tmp_path / "jsonl"
+    manifest.mkdir()
+    (manifest / "train.jsonl").write_text('{"image": "../img/a.png", "text": "x", "label": "0"}\n'
+                                          f'{{"image": "{tmp_path}/img/b.png", "label": "1"}}\n')
+    table = tmp_path / "parquet"  # the same paths in a Parquet string column
+    table.mkdir()
+    pq.write_table(pa.table({"image": ["../img/a.png", str(tmp_path / "img/b.png")], "label": [0, 1]}),
+                   table / "train.parquet")
+    for data in (manifest, table):
+        base = media_fingerprint(str(data), ["image", "text"])
+        assert base["files"] == 2 and media_fingerprint(str(data), ["image", "text"]) == base
+        assert media_fingerprint(str(data), ["text"])["files"] == 0  # no media modality configured
+        touch(tmp_path / "img" / "a.png", 5)  # the manifest is untouched: only the media file changed
+        assert media_fingerprint(str(data), ["image"]) != base
+        (tmp_path / "img" / "b.png").unlink()  # a missing file counts too
+        gone = media_fingerprint(str(data), ["image"])
+        assert gone["files"] == 2 and gone != base
+        (tmp_path / "img" / "b.png").write_bytes(b"not decoded here")
+    # inline bytes: only the data file's own fingerprint matters, no media file is read
+    inline = tmp_path / "inline"
+    inline.mkdir()
+    pq.write_table(pa.table({"image": pa.array([b"png"]), "label": [0]}), inline / "train.parquet")
+    assert media_fingerprint(str(inline), ["image"])["files"] == 0
+
+
+def fake_cache(root: Path, key: str, weights: str, age_s: int) -> Path:
+    folder = root / key
+    (folder / "train-0").mkdir(parents=True)
+    (folder / "key.json").write_text(f'{{"weights": {{"text": "{weights}"}}}}')
+    touch(folder / "key.json", -age_s)
+    return folder
+
+
+def test_prune_keeps_the_most_recently_used_per_encoder(tmp_path: Path) -> None:
+    root = tmp_path / "embedding_cache"
+    for i in range(5):  # encoder A: a1 used 1 hour ago ... a5 used 5 hours ago
+        fake_cache(root, f"a{i + 1}", "A", 3600 * (i + 1))
+    fake_cache(root, "b1", "B", 7200)  # another encoder: its own quota
+    fake_cache(root, "recent", "A", 60)  # in use right now (a concurrent run): never pruned
+    (root / "stray").mkdir()  # no key.json: not ours, left alone
+    deleted = prune(str(root), keep=2, keep_key="a5")
+    assert sorted(deleted) == ["a2", "a3", "a4"]  # kept: recent, a1 (the newest 2), a5 (this run's)
+    assert sorted(p.name for p in root.iterdir()) == ["a1", "a5", "b1", "recent", "stray"]
+    assert prune(str(root), keep=2, keep_key="a5") == []
+    assert prune(str(tmp_path / "nothing"), keep=1) == []
 
 
 def test_weights_hash_sees_every_byte() -> None:

@@ -16,11 +16,13 @@ The key (a hash, the cache's folder name) covers:
   - each frozen backbone's weights (sha256 over its state dict),
   - the preprocessing: data.image/text/audio of the configured modalities, label column, class names, and the
     val carve-out (data.val_fraction, seed),
-  - the data files' fingerprints (location, size, modification time).
-Any change is a new key, hence a new folder, built afresh; the old ones stay until deleted.
+  - the data files' fingerprints (location, size, modification time), and those of the media files their
+    records name by path (manifests' image/audio paths, Parquet path columns): a hash over all of them.
+Any change is a new key, hence a new folder, built afresh. Old folders are pruned: per encoder (the same
+backbone weights), only the train.embedding_cache_keep most recently used stay (use = key.json rewritten).
 
     <train.storage_path>/embedding_cache/<key>/
-        key.json            the parts the key was made of
+        key.json            the parts the key was made of; its modification time is the folder's last use
         <split>.json        written last: rows, dims, build seconds, and the folder holding the split
         <split>-<uuid>/     Parquet; a build that stopped before its <split>.json is not used (and concurrent
                             builders, e.g. Tune trials, never write into each other's folders)
@@ -98,15 +100,62 @@ def data_fingerprints(path: str) -> list[list[Any]]:
     return sorted(out)
 
 
+def media_fingerprint(path: str, modalities: list[str], label_column: str = "label") -> dict[str, Any]:
+    """{"files": n, "sha256": 16 hex} over [location, size, mtime_ns] of every media file of `modalities`
+    that the dataset's records name by path (JSONL/CSV manifests; Parquet string columns, and the `path` of
+    Hugging Face {bytes, path} structs); a missing file counts with size and mtime None. Inline bytes are
+    covered by their data file's own fingerprint. Costs one read of the manifests and one stat per file."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from mmfusion.batch import MEDIA
+    from mmfusion.data.parsers import open_parquet, parse_manifest
+    from mmfusion.data.readers import discover, resolve_ref
+    from mmfusion.storage import filesystem
+
+    media = [m for m in MEDIA if m in modalities]
+    refs: set[str] = set()
+    for f in discover(path) if media else []:
+        if f.format != "parquet":
+            tb = parse_manifest(f, label_column, set(media))
+            refs.update(resolve_ref(r, f.location) for m in media for r in tb[f"{m}_ref"].to_pylist() if r)
+            continue
+        pf = open_parquet(f.location)
+        for m in media:
+            if m not in pf.schema_arrow.names:
+                continue
+            t = pf.schema_arrow.field(m).type
+            if pa.types.is_struct(t) and t.get_field_index("path") >= 0:
+                values = pf.read(columns=[f"{m}.path"]).column(m).combine_chunks().field("path").to_pylist()
+            elif pa.types.is_string(t) or pa.types.is_large_string(t):
+                values = pf.read(columns=[m]).column(m).to_pylist()
+            else:  # binary: the bytes are in the file
+                continue
+            refs.update(resolve_ref(r, f.location) for r in values if r)
+    by_fs: dict[str, tuple[Any, list[tuple[str, str]]]] = {}  # scheme://host -> (fs, [(location, inner)])
+    for location in refs:
+        scheme, uri, rest = location.partition("://")
+        fs, inner = filesystem(location)
+        group = f"{scheme}://{rest.split('/')[0]}" if uri else ""
+        by_fs.setdefault(group, (fs, []))[1].append((location, inner))
+    stats = []
+    for fs, items in by_fs.values():  # one get_file_info call per filesystem
+        for (location, _), st in zip(items, fs.get_file_info([inner for _, inner in items]), strict=True):
+            found = st.type == pafs.FileType.File
+            stats.append([location, st.size if found else None, st.mtime_ns if found else None])
+    h = hashlib.sha256(json.dumps(sorted(stats), default=str).encode())
+    return {"files": len(stats), "sha256": h.hexdigest()[:16]}
+
+
 def key_parts(cfg: ExperimentConfig, labels: list[str], weights: dict[str, str],
-              files: list[list[Any]]) -> dict[str, Any]:
-    """Everything the cached embeddings depend on (the key is its hash)."""
+              files: list[list[Any]], media: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the cached embeddings depend on (the key is its hash); `media`: media_fingerprint's."""
     d = cfg.data
     preprocessing = {"modalities": list(d.modalities), "label_column": d.label_column,
                      "val_fraction": d.val_fraction, "seed": cfg.seed,
                      **{m: getattr(d, m).model_dump(mode="json") for m in d.modalities}}
     return {"format": FORMAT, "weights": weights, "preprocessing": preprocessing, "labels": list(labels),
-            "data_files": files}
+            "data_files": files, "media_files": media or {"files": 0}}
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -188,7 +237,8 @@ def embed_splits(cfg: ExperimentConfig, datasets: dict[str, Any], info: dict[str
     model = build_frozen_model(cfg, spec, len(info["labels"]))
     weights = backbone_hashes(model)
     del model
-    parts = key_parts(cfg, info["labels"], weights, data_fingerprints(cfg.data.path))
+    media = media_fingerprint(cfg.data.path, list(cfg.data.modalities), cfg.data.label_column)
+    parts = key_parts(cfg, info["labels"], weights, data_fingerprints(cfg.data.path), media)
     key = cache_key(parts)
     root = f"{storage.rstrip('/')}/{CACHE_DIR}/{key}"
     fs, inner = filesystem(root)
@@ -225,7 +275,45 @@ def embed_splits(cfg: ExperimentConfig, datasets: dict[str, Any], info: dict[str
             out.reused[split] = True
             log.info("embedding cache %s: reusing %s (%d rows)", key, split, manifest["rows"])
         out.datasets[split] = ray.data.read_parquet(f"{root}/{manifest['folder']}").materialize()
+    if cfg.train.embedding_cache_keep is not None:
+        prune(f"{storage.rstrip('/')}/{CACHE_DIR}", cfg.train.embedding_cache_keep, keep_key=key)
     return out
+
+
+IN_USE_S = 600  # a folder used this recently may be in use by a concurrent run or Tune trial: never pruned
+
+
+def prune(cache_root: str, keep: int, keep_key: str | None = None, now_s: float | None = None) -> list[str]:
+    """Delete cache folders beyond the `keep` most recently used per encoder (same backbone weights), except
+    `keep_key` and those used in the last IN_USE_S seconds. Last use = key.json's modification time (written
+    by every run that uses the folder). Folders without a readable key.json are left alone.
+    Returns the deleted keys."""
+    import pyarrow.fs as pafs
+
+    from mmfusion.storage import filesystem
+
+    fs, inner = filesystem(cache_root)
+    groups: dict[str, list[tuple[int, str, str]]] = {}  # weights -> [(last use ns, key, folder)]
+    for d in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True)):
+        st = fs.get_file_info(f"{d.path}/key.json") if d.type == pafs.FileType.Directory else None
+        if st is None or st.type != pafs.FileType.File:
+            continue
+        try:
+            weights = (_read_json(fs, f"{d.path}/key.json") or {})["weights"]
+        except (KeyError, TypeError, ValueError, OSError):
+            continue
+        groups.setdefault(json.dumps(weights, sort_keys=True), []).append((st.mtime_ns, d.base_name, d.path))
+    recent = ((time.time() if now_s is None else now_s) - IN_USE_S) * 1e9
+    deleted = []
+    for folders in groups.values():
+        for mtime, key, folder in sorted(folders, reverse=True)[keep:]:
+            if key != keep_key and mtime < recent:
+                fs.delete_dir(folder)
+                deleted.append(key)
+    if deleted:
+        log.info("embedding cache: pruned %d folder(s) beyond the %d most recently used per encoder: %s",
+                 len(deleted), keep, ", ".join(deleted))
+    return deleted
 
 
 def _read_json(fs: Any, path: str) -> dict[str, Any] | None:

@@ -34,7 +34,7 @@ def default_run_name(cfg: ExperimentConfig) -> str:
     """Stable for the same resolved config, so re-running the same command resumes the same run."""
     identity = cfg.model_dump(mode="json")
     for k in ("max_failures", "artifact_dir", "run_name", "storage_path", "tracking", "mlflow_uri",
-              "log_every_n_steps"):
+              "log_every_n_steps", "embedding_cache_keep"):
         identity["train"].pop(k, None)  # how and where to run, not what to train
     identity["data"].pop("cache", None)
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
