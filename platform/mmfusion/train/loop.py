@@ -156,6 +156,8 @@ class EpochStats:
     seconds: float
     confusion: np.ndarray | None = None  # (K, K) counts, rows = true class; None without num_classes
     first_step_at: float | None = None  # wall clock (time.time()) when the first batch arrived
+    data_wait_s: float = 0.0  # time blocked in next() on the batch iterator (training waiting on data)
+    data_first_wait_s: float = 0.0  # of which the first batch's (the pipeline's start-up each epoch)
 
     @property
     def samples_per_s(self) -> float:
@@ -202,7 +204,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Tensor]], opti
     weight = class_weight.to(device) if class_weight is not None else None
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device) if num_classes else None
     loss_sum, correct, count, t0, first = 0.0, 0, 0, time.perf_counter(), None
-    for step, batch in enumerate(batches):
+    waits = _WaitClock(batches)
+    for step, batch in enumerate(waits):
         first = first or time.time()
         batch = to_device(batch, device)
         labels = batch["label"]  # (B,)
@@ -240,7 +243,30 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict[str, Tensor]], opti
             log.info("  step %d loss %.4f", step, value)
     loss_sum, correct, count, cm_np = _reduce(loss_sum, correct, count, cm, device)
     return EpochStats(loss_sum / max(count, 1), correct / max(count, 1), count, time.perf_counter() - t0,
-                      cm_np, first)
+                      cm_np, first, data_wait_s=waits.seconds, data_first_wait_s=waits.first)
+
+
+class _WaitClock:
+    """Iterates `batches` and adds up the time each next() blocks: how long training waits on data."""
+
+    def __init__(self, batches: Iterable[dict[str, Tensor]]) -> None:
+        self._it = iter(batches)
+        self.seconds = 0.0  # all next() calls
+        self.first = 0.0  # the first one
+        self.calls = 0
+
+    def __iter__(self) -> _WaitClock:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        t = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            dt = time.perf_counter() - t
+            self.first = dt if self.calls == 0 else self.first
+            self.seconds += dt
+            self.calls += 1
 
 
 @torch.no_grad()

@@ -153,7 +153,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                    "val_accuracy": va.accuracy, "val_macro_f1": va.macro_f1,
                    "val_balanced_accuracy": va.balanced_accuracy,
                    "lr": oc.lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0],  # the head's (optim.lr)
-                   "samples_per_s": tr.samples_per_s, "world_size": world}
+                   "samples_per_s": tr.samples_per_s, "world_size": world,
+                   # time blocked on the batch iterator (this rank), the first batch's apart: bench/ingest.py
+                   "data_wait_s": tr.data_wait_s, "data_first_wait_s": tr.data_first_wait_s}
         value = metrics.get(tc.metric)
         if value is None:
             raise ValueError(f"train.metric {tc.metric!r} is not reported; choose one of {sorted(metrics)}")
