@@ -1,7 +1,7 @@
 """Ingest: the Ray Data pipeline against a torch DataLoader, and how long training waits on data (issue 15).
 
     .venv/bin/python bench/ingest.py [--data data/avt_digits_large] [--part all|throughput|waits]
-        [--rows 20000] [--rounds 3] [--train-rows 10000] [--val-rows 1000] [--epochs 2]
+        [--rows 12000] [--rounds 3] [--train-rows 10000] [--val-rows 1000] [--epochs 2] [--mock-epochs 1]
         [--out bench/results/ingest.json]
 
 Both parts run on a row subset of the large AVT-Digits variant (bench/large_subset.py: its first shards, the
@@ -121,7 +121,7 @@ def throughput(data: str, rounds: int) -> dict[str, Any]:
             "median_first_batch_s": first, "runs": raw}
 
 
-def waits(data: str, epochs: int, full_rows: int) -> dict[str, Any]:
+def waits(data: str, epochs: int, full_rows: int, mock_epochs_n: int) -> dict[str, Any]:
     import ray
 
     from mmfusion.config import load_config
@@ -167,7 +167,7 @@ def waits(data: str, epochs: int, full_rows: int) -> dict[str, Any]:
     run, spec, labels = mock_info
     mocks = {}
     for threads in sorted({r["torch_threads"] for r in runs.values()}):
-        mocks[threads] = mock_epochs(run, spec, labels, mock_batches, threads, epochs)
+        mocks[threads] = mock_epochs(run, spec, labels, mock_batches, threads, mock_epochs_n)
         log.info("mock, %d thread(s): %s", threads, mocks[threads])
     for r in runs.values():
         ref = statistics.median(e["samples_per_s"] for e in mocks[r["torch_threads"]])
@@ -225,11 +225,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(REPO / "data" / "avt_digits_large"))
     p.add_argument("--part", choices=["all", "throughput", "waits"], default="all")
-    p.add_argument("--rows", type=int, default=20_000, help="train rows per throughput pass")
+    p.add_argument("--rows", type=int, default=12_000, help="train rows per throughput pass")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--train-rows", type=int, default=10_000, help="train rows of the waits part")
     p.add_argument("--val-rows", type=int, default=1_000)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--mock-epochs", type=int, default=1, help="in-memory mock epochs per thread count")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "ingest.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -258,7 +259,9 @@ def main() -> None:
             sub = subset(args.data, {"train": args.train_rows, "val": args.val_rows}, Path(tmp) / "waits")
             result["waits"] = {"subset_rows": {"train": args.train_rows, "val": args.val_rows},
                                "epochs": args.epochs,
-                               **waits(sub, args.epochs, full.get("train", 0) + full.get("val", 0))}
+                               "mock_epochs": args.mock_epochs,
+                               **waits(sub, args.epochs, full.get("train", 0) + full.get("val", 0),
+                                       args.mock_epochs)}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     report(result)

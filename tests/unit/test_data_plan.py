@@ -31,6 +31,17 @@ def test_cache_auto_picks_memory_when_the_data_fits_and_streams_otherwise():
     assert choose_cache("auto", edge + 1, 400 * MIB)[0] == "none"
 
 
+def test_stream_budget_depends_on_the_row_size_never_the_row_count():
+    full = InputSpec(modalities=("image", "text", "audio"), image_shape=(1, 28, 28), max_text_len=32,
+                     audio_shape=(1, 40, 101))
+    budget = plan.stream_store_bytes(full, 512)
+    assert budget == plan.STREAM_BLOCKS * 512 * estimated_row_bytes(full)  # AVT-Digits: ~70 MiB, 8 blocks
+    image = InputSpec(modalities=("image",), image_shape=(3, 224, 224))
+    assert plan.stream_store_bytes(image, 512) == plan.STREAM_BLOCKS * 512 * estimated_row_bytes(image)
+    tiny = InputSpec(modalities=("text",), max_text_len=8)
+    assert plan.stream_store_bytes(tiny, 512) == plan.STREAM_MIN_BYTES  # small rows: the floor
+
+
 def test_cache_memory_and_none_are_taken_as_given():
     assert choose_cache("memory", 10_000 * MIB, 400 * MIB)[0] == "memory"  # spills, but the user asked
     assert choose_cache("none", 1 * MIB, 400 * MIB)[0] == "none"

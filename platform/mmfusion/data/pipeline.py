@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import ray
 import ray.data
 import torch
-from ray.data import ActorPoolStrategy, RandomSeedConfig, TaskPoolStrategy
+from ray.data import ActorPoolStrategy, DataContext, RandomSeedConfig, TaskPoolStrategy
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import col
 
@@ -128,8 +128,13 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
     mode, why = plan.choose_cache(cfg.cache, rows * plan.estimated_row_bytes(spec), _object_store_bytes())
     log.info("%s", why)
     actors = plan.preprocess_actors(usable_cpus(), train_cpus if mode == "none" else 0.0, rows)
+    read_cfg = cfg
+    if mode == "none":
+        _bound_streams(plan.stream_store_bytes(spec, PREPROCESS_BLOCK))
+        if cfg.read_parallelism < 0:  # reads outrun the pool: a few tasks, so raw blocks do not pile up
+            read_cfg = cfg.model_copy(update={"read_parallelism": plan.STREAM_READ_TASKS})
 
-    processed = _preprocessed(cfg, summary, read_splits, labels, actors)
+    processed = _preprocessed(read_cfg, summary, read_splits, labels, actors)
     if mode == "memory":  # every epoch reads tensors instead of decoding again
         processed = processed.materialize()
     stats = _row_stats(processed, seed, cfg.val_fraction if carve_val else None, len(labels))
@@ -154,7 +159,7 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
                 ds = ds.map_batches(_carve_val, batch_format="pyarrow", fn_kwargs=carve)
             return ds.filter(expr=col("split") == split)
         source = "train" if carve_val and split == "val" else split
-        return _preprocessed(cfg, summary, [source], labels, actors, carve if carve_val else None,
+        return _preprocessed(read_cfg, summary, [source], labels, actors, carve if carve_val else None,
                              split, initial=1).filter(expr=col("error") == "")
 
     good = {s: good_rows(s) for s in splits}
@@ -275,6 +280,17 @@ def _read_units(batch: pa.Table, label_column: str, splits: list[str], modalitie
         for tb in readers.read_unit(unit, label_column, set(splits), modalities):
             if tb.num_rows:
                 yield readers.resolve_media(tb)
+
+
+def _bound_streams(limit: int) -> None:
+    """data.cache=none: cap the object store the streams may fill at `limit` bytes (Ray Data's default, half
+    the store, lets a pipeline faster than training run ahead until it holds as many rows as fit). Set on the
+    driver's DataContext: the datasets made from here on copy it, and Ray Train's ingest takes its resource
+    limits from it (DataConfig.default_ingest_options)."""
+    ctx = DataContext.get_current()
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=limit)
+    log.info("data.cache=none: the streams hold at most %.0f MiB of the object store", limit / 1024 ** 2)
 
 
 def _object_store_bytes() -> float:

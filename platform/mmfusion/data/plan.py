@@ -2,6 +2,7 @@
 the statistics of one pass over the preprocessed rows (rows, rejects, the val carve-out, class counts).
 
     choose_cache("auto", estimated_bytes(spec, rows), object_store_bytes)  -> "memory" | "none", why
+    stream_store_bytes(spec, block_rows)                                   -> none: the streams' store budget
     preprocess_actors(cluster_cpus, reserved_cpus, rows)                   -> actors in the pool
     stats = RowStats(); stats.add(batch) ...; stats.finish(seed, val_fraction, num_classes)
 
@@ -26,6 +27,12 @@ CacheMode = Literal["memory", "none"]
 AUTO_MEMORY_SHARE = 0.4
 ROW_OVERHEAD_BYTES = 96  # per row beside the tensors: present, label, id and split strings, Arrow offsets
 MIN_ROWS_PER_ACTOR = 512  # an actor costs seconds to start (torch imports): one block of rows at least
+# data.cache=none: the object store a stream may fill, in blocks of preprocessed rows. Ray Data's own budget
+# is half the object store, which a pipeline faster than training fills whatever the row count; a few blocks
+# per operator keep the actors busy (bench/memory.py, bench/ingest.py)
+STREAM_BLOCKS = 8
+STREAM_MIN_BYTES = 64 * 1024 ** 2
+STREAM_READ_TASKS = 2  # data.cache=none, data.read_parallelism unset: one read task feeds several actors
 
 
 def estimated_row_bytes(spec: InputSpec) -> int:
@@ -38,6 +45,12 @@ def estimated_row_bytes(spec: InputSpec) -> int:
     if "audio" in spec.modalities:
         n += 4 * math.prod(spec.audio_shape)  # float32 (1, F, T)
     return n
+
+
+def stream_store_bytes(spec: InputSpec, block_rows: int) -> int:
+    """data.cache=none: the object-store budget of the streams, a constant of the row size and the block size,
+    never of the row count: STREAM_BLOCKS blocks of `block_rows` rows, at least STREAM_MIN_BYTES."""
+    return max(STREAM_MIN_BYTES, STREAM_BLOCKS * block_rows * estimated_row_bytes(spec))
 
 
 def choose_cache(setting: str, estimated_bytes: int, store_bytes: float) -> tuple[CacheMode, str]:
