@@ -36,7 +36,8 @@ def test_config_is_valid_for_serve_and_every_key_is_known(name):
     assert app["import_path"] == APP_IMPORT_PATH
     assert "working_dir" not in (app.get("runtime_env") or {})  # Serve config files need a remote URI there
     ServeArgs.model_validate(app["args"])
-    assert sorted(d["name"] for d in app["deployments"]) == sorted(ALL_SPLIT)  # what build_app creates
+    names = {d["name"] for d in app["deployments"]}  # what build_app creates (+ Model for --topology single)
+    assert set(ALL_SPLIT) <= names <= {*ALL_SPLIT, "Model"}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -135,7 +136,7 @@ def test_prepare_config_fits_the_config_to_the_artifact(two_modality_artifact, m
     assert raw["http_options"]["host"] == "0.0.0.0" and raw["http_options"]["port"] == 8123
     single = prepare_config(load("local"), str(two_modality_artifact), topology="single",
                             api_key_env="MY_KEY")
-    assert [d["name"] for d in single["applications"][0]["deployments"]] == ["Ingress"]
+    assert [d["name"] for d in single["applications"][0]["deployments"]] == ["Ingress", "Model"]
     assert single["applications"][0]["args"]["topology"] == "single"
     assert single["applications"][0]["args"]["api_key_env"] == "MY_KEY"
     assert load("local") == yaml.safe_load(CONFIGS["local"].read_text())  # the input is not modified
