@@ -95,6 +95,7 @@ demo: venv sysdeps $(DATA)/data_card.json
 # side by side in one run against a floor or a peer. Run them on a quiet machine: they measure speed.
 LARGE ?= data/avt_digits_large
 BENCH_TARGETS :=
+BENCH_TARGETS += bench-robustness bench-pretrained-text
 BENCH_TARGETS += bench-ingest bench-memory
 BENCH_TARGETS += bench-train-overhead bench-model-floor
 BENCH_TARGETS += bench-tune-asha
@@ -105,6 +106,22 @@ $(LARGE)/data_card.json: | venv sysdeps
 
 bench-fusion: venv sysdeps $(DATA)/data_card.json
 	$(PY) bench/fusion_vs_single.py --data $(DATA)
+
+# results benchmarks (accuracy, not speed): the fusion operators under missing modalities and noise, each trained
+# a few epochs on a subset, scored as `mmfusion evaluate --robustness` does; AVT-Digits and KTuberling, under
+# 10 minutes each on 2 cores. Figures: bench/results/robustness.json and .png
+.PHONY: bench-robustness bench-pretrained-text
+bench-robustness: venv sysdeps $(DATA)/data_card.json data/ktuberling/data_card.json
+	$(PY) bench/robustness.py --datasets avt_digits
+	$(PY) bench/robustness.py --datasets ktuberling --train-rows 800 --test-rows 300
+
+data/ktuberling/data_card.json: | venv sysdeps
+	$(MMF) data build ktuberling --out data/ktuberling
+
+# text only on AVT-Digits: the packaged MiniLM (avt_digits_pretrained.yaml) against the from-scratch byte BiLSTM,
+# side by side, same splits, seeds 0-2 (one seed per run, about 8 minutes each). bench/results/pretrained_text.json
+bench-pretrained-text: venv pretrained sysdeps $(DATA)/data_card.json
+	for s in 0 1 2; do $(PY) bench/pretrained_text.py --data $(DATA) --seeds $$s || exit 1; done
 
 # frozen MiniLM with and without the embedding cache: epoch time, val accuracy, build time, reuse, rebuild
 bench-embedding-cache: venv pretrained sysdeps $(DATA)/data_card.json

@@ -1,0 +1,139 @@
+"""Text only on AVT-Digits: the packaged pretrained MiniLM against the from-scratch byte BiLSTM, side by side
+in one run, on the same splits, for several seeds.
+
+    .venv/bin/python bench/pretrained_text.py [--seeds 0,1,2] [--data data/avt_digits]
+        [--out bench/results/pretrained_text.json] [--minilm key=value ...] [--bilstm key=value ...]
+
+Rows (each trained with `seed=S`, then evaluated on the test split in-process):
+  bilstm  jobs/configs/avt_digits.yaml data.modalities=[text]  (the base config's from-scratch text encoder)
+  minilm  jobs/configs/avt_digits_pretrained.yaml               (MiniLM from `make pretrained`, as configured)
+Extra overrides apply to one encoder (`--minilm train.epochs=2`). Test accuracy is broken down by the test
+row's language and by whether its word has typos (AVT-Digits' _provenance/test.parquet: the test languages
+are unseen in training). Prints a table; writes JSON after every run (keeping the rows
+of other seeds already in it, so the seeds may run one at a time). The summary: mean and spread per
+encoder, and the per-seed difference minilm - bilstm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from mmfusion.cli import setup_logging
+from mmfusion.config import load_config
+from mmfusion.evaluate.predict import predict_to_parquet
+from mmfusion.evaluate.report import evaluate_artifact
+from mmfusion.train.trainer import run_training
+
+log = logging.getLogger("bench")
+ENCODERS = {"bilstm": ("jobs/configs/avt_digits.yaml", ["data.modalities=[text]"]),
+            "minilm": ("jobs/configs/avt_digits_pretrained.yaml", [])}
+
+
+def breakdown(pred_path: Path, data: str) -> dict[str, Any]:
+    """Test accuracy per language and for words with / without typos, from predict's Parquet and the data's
+    labels and provenance (empty when the data has no _provenance/test.parquet)."""
+    prov_path = Path(data) / "_provenance" / "test.parquet"
+    pred = pq.read_table(pred_path, columns=["id", "label"]).to_pylist()
+    truth = {r["id"]: str(r["label"]) for r in
+             pq.read_table(Path(data) / "test.parquet", columns=["id", "label"]).to_pylist()}
+    prov = {r["id"]: r for r in pq.read_table(prov_path).to_pylist()} if prov_path.is_file() else {}
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for r in pred:
+        ok = r["label"] == truth[r["id"]]
+        groups["all"].append(ok)
+        p = prov.get(r["id"])
+        if p is not None:
+            groups[f"lang:{p['text_language']}"].append(ok)
+            groups["typos" if p["text_typos"] else "no typos"].append(ok)
+    return {g: {"rows": len(v), "accuracy": sum(v) / len(v)} for g, v in sorted(groups.items())}
+
+
+def run_one(name: str, seed: int, data: str, storage: str, extra: list[str]) -> dict[str, Any]:
+    config, overrides = ENCODERS[name]
+    cfg = load_config(config, [f"data.path={data}", f"train.storage_path={storage}", f"seed={seed}",
+                               f"train.run_name=pretrained-text-{name}-seed{seed}", *overrides, *extra])
+    t0 = time.perf_counter()
+    run = run_training(cfg)
+    train_s = time.perf_counter() - t0
+    ev = evaluate_artifact(run.artifact, data=data, split="test", local=True)
+    pred_path = Path(run.artifact) / "test_predictions.parquet"
+    pred = predict_to_parquet(run.artifact, data, pred_path, split="test", local=True)
+    history = run.metrics["history"]
+    return {"encoder": name, "seed": seed, "config": config, "overrides": [*overrides, *extra],
+            "test_accuracy": ev.report["accuracy"], "test_macro_f1": ev.report["macro_f1"],
+            f"best_{cfg.train.metric}": run.metrics.get(f"best_{cfg.train.metric}"),
+            "epochs": run.metrics["epochs_run"], "train_seconds": round(train_s, 1),
+            "epoch_seconds": [round(run.metrics["train_rows"] / h["samples_per_s"], 1) for h in history],
+            "breakdown": breakdown(pred.out, data), "artifact": str(run.artifact)}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ENCODERS:
+        accs = [r["test_accuracy"] for r in rows if r["encoder"] == name]
+        if accs:
+            out[name] = {"seeds": len(accs), "mean": statistics.mean(accs),
+                         "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0, "min": min(accs),
+                         "max": max(accs)}
+    by_seed = {(r["encoder"], r["seed"]): r["test_accuracy"] for r in rows}
+    diffs = [by_seed["minilm", s] - by_seed["bilstm", s] for (e, s) in by_seed if e == "minilm"
+             and ("bilstm", s) in by_seed]
+    if diffs:
+        out["minilm_minus_bilstm"] = {"per_seed": diffs, "mean": statistics.mean(diffs),
+                                      "seeds_minilm_better": sum(d > 0 for d in diffs), "seeds": len(diffs)}
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    groups = sorted({g for r in rows for g in r["breakdown"] if g != "all"})
+    lines = ["| encoder | seed | test acc | macro-F1 | " + " | ".join(g.removeprefix("lang:") for g in groups)
+             + " | epochs | train s |", "|---" * (len(groups) + 6) + "|"]
+    for r in rows:
+        cells = [f"{r['breakdown'][g]['accuracy']:.2f}" if g in r["breakdown"] else "-" for g in groups]
+        head = f"| {r['encoder']} | {r['seed']} | {r['test_accuracy']:.3f} | {r['test_macro_f1']:.3f} | "
+        lines.append(head + " | ".join(cells) + f" | {r['epochs']} | {r['train_seconds']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--data", default="data/avt_digits")
+    p.add_argument("--out", default="bench/results/pretrained_text.json")
+    p.add_argument("--storage", default="runs/bench-pretrained-text")
+    p.add_argument("--encoders", default="bilstm,minilm")
+    p.add_argument("--minilm", nargs="*", default=[], help="overrides for the MiniLM runs only")
+    p.add_argument("--bilstm", nargs="*", default=[], help="overrides for the BiLSTM runs only")
+    args = p.parse_args(argv)
+    setup_logging()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"minilm": args.minilm, "bilstm": args.bilstm}
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    names = [e for e in args.encoders.split(",") if e]
+    rows: list[dict[str, Any]] = []
+    if out.is_file():  # rows of other seeds or encoders measured before (one locked run per seed) are kept
+        rows = [r for r in json.loads(out.read_text())["rows"] if r["seed"] not in seeds or r["encoder"]
+                not in names]
+    for seed in seeds:
+        for name in names:
+            log.info("%s, seed %d", name, seed)
+            rows.append(run_one(name, seed, args.data, args.storage, extra[name]))
+            doc = {"data": args.data, "rows": rows, "summary": summarize(rows)}
+            out.write_text(json.dumps(doc, indent=1))
+    sys.stdout.write(table(rows) + "\n\n" + json.dumps(summarize(rows), indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
