@@ -164,7 +164,7 @@ def run_ray(cfg, build_trainer, datasets: dict, info: dict, storage: Path, r: in
     history = _history(result)
     per_epoch = [h["samples_per_s"] for h in history]
     return {"samples_per_s_per_epoch": per_epoch, "steady": statistics.median(per_epoch[1:] or per_epoch),
-            "startup_s": history[0]["first_step_at"] - started, "wall_s": wall,
+            "startup_s": result.return_value["first_step_at"] - started, "wall_s": wall,
             "torch_threads": cfg.train.num_threads}
 
 

@@ -137,6 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             tracker.log_step(step_count[0], {"train_loss": loss, "lr": lr})
 
     train_shard = ray.train.get_dataset_shard("train")  # [ray]
+    first_step_at: float | None = None  # wall clock of this start's first training step (start-up benches)
     val_shard = ray.train.get_dataset_shard("val")  # [ray]
     for epoch in range(start, tc.epochs):
         if state.stopped_early:
@@ -164,7 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         else:
             state.bad_epochs += 1
         state.epoch = epoch
-        state.history.append({**metrics, "first_step_at": tr.first_step_at})  # wall clock: start-up benches
+        state.history.append(metrics)
+        first_step_at = first_step_at or tr.first_step_at
         state.stopped_early = bool(tc.early_stopping_patience
                                    and state.bad_epochs >= tc.early_stopping_patience)
         if share is not None:  # the verdict so far; the last checkpoint's is the run's (metrics.json)
@@ -188,4 +190,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     "optim.encoder_lr, or check the inputs (mmfusion data inspect)", state.majority_share,
                     max(h["train_accuracy"] for h in state.history))
     tracker.close()
-    return {"epoch": state.epoch, "starts": state.starts}
+    return {"epoch": state.epoch, "starts": state.starts, "first_step_at": first_step_at}
