@@ -95,6 +95,7 @@ demo: venv sysdeps $(DATA)/data_card.json
 # side by side in one run against a floor or a peer. Run them on a quiet machine: they measure speed.
 LARGE ?= data/avt_digits_large
 BENCH_TARGETS :=
+BENCH_TARGETS += bench-serve-ladder
 BENCH_TARGETS += bench-robustness bench-pretrained-text
 BENCH_TARGETS += bench-ingest bench-memory
 BENCH_TARGETS += bench-train-overhead bench-model-floor
@@ -155,6 +156,14 @@ bench-ingest: venv sysdeps $(LARGE)/data_card.json
 # the large variant (one fresh process each); about 8 minutes. Figures: bench/results/memory.json
 bench-memory: venv sysdeps $(LARGE)/data_card.json
 	$(PY) bench/memory.py --data $(LARGE)
+
+# serving ladder: in-process floor, the client's ceiling, Serve no-ops, single/split x concurrency 1/4/16 x
+# batching on/off, under Serve's default and fast runtime env (~5 min)
+bench-serve-ladder: venv sysdeps $(DATA)/data_card.json $(ARTIFACT)/model.safetensors
+	$(PY) bench/serve_ladder.py --artifact $(ARTIFACT) --data $(DATA)
+
+$(ARTIFACT)/model.safetensors: | venv sysdeps $(DATA)/data_card.json
+	$(MMF) train jobs/configs/avt_digits.yaml data.path=$(DATA) train.artifact_dir=$(ARTIFACT)
 
 lint: venv
 	$(VENV)/bin/ruff check platform tests bench jobs

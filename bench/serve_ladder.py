@@ -239,6 +239,34 @@ def _model_threads(config: str, artifact: str) -> int:
     return int(cfg["applications"][0]["args"].get("torch_threads") or (os.cpu_count() or 1))
 
 
+def _noop_apps() -> dict[str, Any]:
+    """Serve's own ceiling on this machine: a no-op ingress that reads the body and answers a constant
+    ("noop": proxy -> one replica), and the same in front of a no-op backend ("noop_hop": proxy -> replica ->
+    replica, the single topology's shape without any model work)."""
+    from ray import serve
+    from starlette.requests import Request
+
+    answer = {"label": "0", "index": 0, "probabilities": {}, "modalities": []}
+
+    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1})
+    class Backend:
+        async def __call__(self, values: dict[str, Any]) -> dict[str, Any]:
+            return answer
+
+    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1})
+    class Front:
+        def __init__(self, backend: Any = None) -> None:
+            self.backend = backend
+
+        async def __call__(self, request: Request) -> dict[str, Any]:
+            body = await request.body()
+            if self.backend is None:
+                return answer
+            return await self.backend.remote({"n": len(body)})
+
+    return {"noop": Front.bind(), "noop_hop": Front.bind(Backend.bind())}
+
+
 def _serve_rungs(args: argparse.Namespace, profile: str, bodies: list[tuple[bytes, str]],
                  floor: dict[str, Any]) -> dict[str, Any]:
     """Both topologies x batching on/off x concurrency on a fresh embedded cluster started with the Serve
@@ -252,11 +280,21 @@ def _serve_rungs(args: argparse.Namespace, profile: str, bodies: list[tuple[byte
     saved = {k: os.environ.get(k) for k in SERVE_ENV[profile]}
     os.environ.update(SERVE_ENV[profile])
     port = _free_port()
-    cells: dict[str, dict[str, dict[str, Any]]] = {t: {"on": {}, "off": {}} for t in TOPOLOGIES}
+    cells: dict[str, Any] = {t: {"on": {}, "off": {}} for t in TOPOLOGIES}
+    noop: dict[str, Any] = {}
+    cells["serve_noop"] = noop
     init_ray()
     try:
+        deploy_config(_serve_config(args.config, args.artifact, port, True))
+        for name, app in _noop_apps().items():  # imperative apps: later config deploys leave them alone
+            serve.run(app, name=name, route_prefix=f"/{name}")
+            noop[name] = {str(c): asyncio.run(_load(f"http://127.0.0.1:{port}/{name}", bodies, args.requests,
+                                                    c, warmup=2 * c)) for c in args.concurrency}
+            serve.delete(name)
+            log.info("[%s] Serve %s: %s req/s", profile, name, {c: r["rps"] for c, r in noop[name].items()})
         for batching in ("on", "off"):
-            deploy_config(_serve_config(args.config, args.artifact, port, batching == "on"))
+            if batching == "off":
+                deploy_config(_serve_config(args.config, args.artifact, port, False))
             for topo in TOPOLOGIES:
                 url = f"http://127.0.0.1:{port}/{topo}"
                 asyncio.run(_load(f"{url}/v1/predict", bodies, 32, 8, warmup=0))  # lazy initialisation
@@ -301,6 +339,9 @@ def _plot(result: dict[str, Any], path: Path) -> None:
         ax.plot(conc, [result["floor"]["rps"][str(c)] for c in conc], "k-", lw=2, label="in-process floor")
         ax.plot(conc, [result["client_ceiling"][str(c)]["rps"] for c in conc], ":", color="gray",
                 label="client vs no-op server")
+        for name, row in cells["serve_noop"].items():
+            ax.plot(conc, [row[str(c)]["rps"] for c in conc], "-.",
+                    color="silver" if name == "noop" else "tan", label=f"Serve {name} (no model)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(conc, [str(c) for c in conc])
@@ -380,6 +421,10 @@ def _summary(cells: dict[str, Any], floor: dict[str, Any], floor_bs: dict[str, f
         "floor_batched_over_batch1": round(floor["rps"][top] / floor_bs["1"], 2),
         "split_over_single_at_max_concurrency": round(
             cells["split"]["on"][top]["rps"] / cells["single"]["on"][top]["rps"], 3),
+        "single_over_serve_noop_hop_at_max_concurrency": round(
+            cells["single"]["on"][top]["rps"] / cells["serve_noop"]["noop_hop"][top]["rps"], 3),
+        "serve_noop_hop_over_floor_at_max_concurrency": round(
+            cells["serve_noop"]["noop_hop"][top]["rps"] / floor["rps"][top], 3),
         "server_over_client_ceiling_at_max_concurrency": round(
             cells["single"]["on"][top]["rps"] / ceiling[top]["rps"], 3),
     }
@@ -394,6 +439,10 @@ def _table(cells: dict[str, Any], floor: dict[str, Any], ceiling: dict[str, Any]
         f"{floor['rps'][str(c)]:.0f}" for c in conc) + " |")
     lines.append("| client vs no-op | - | " + " | ".join(
         f"{ceiling[str(c)]['rps']:.0f}" for c in conc) + " |")
+    for name, row in cells["serve_noop"].items():
+        lines.append(f"| Serve {name} | - | " + " | ".join(
+            f"{row[str(c)]['rps']:.0f} ({row[str(c)]['p50_ms']:.0f}/{row[str(c)]['p99_ms']:.0f})"
+            for c in conc) + " |")
     for topo in TOPOLOGIES:
         for batching in ("on", "off"):
             row = cells[topo][batching]
