@@ -1,7 +1,7 @@
 """Ingest: the Ray Data pipeline against a torch DataLoader, and how long training waits on data (issue 15).
 
     .venv/bin/python bench/ingest.py [--data data/avt_digits_large] [--part all|throughput|waits]
-        [--rows 12000] [--rounds 3] [--train-rows 10000] [--val-rows 1000] [--epochs 2] [--mock-epochs 1]
+        [--rows 8000] [--rounds 2] [--train-rows 8000] [--val-rows 800] [--epochs 2] [--mock-epochs 1]
         [--out bench/results/ingest.json]
 
 Both parts run on a row subset of the large AVT-Digits variant (bench/large_subset.py: its first shards, the
@@ -225,10 +225,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(REPO / "data" / "avt_digits_large"))
     p.add_argument("--part", choices=["all", "throughput", "waits"], default="all")
-    p.add_argument("--rows", type=int, default=12_000, help="train rows per throughput pass")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--train-rows", type=int, default=10_000, help="train rows of the waits part")
-    p.add_argument("--val-rows", type=int, default=1_000)
+    p.add_argument("--rows", type=int, default=8_000, help="train rows per throughput pass")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--train-rows", type=int, default=8_000, help="train rows of the waits part")
+    p.add_argument("--val-rows", type=int, default=800)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--mock-epochs", type=int, default=1, help="in-memory mock epochs per thread count")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "ingest.json"))

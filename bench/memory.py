@@ -1,6 +1,6 @@
 """Memory: peak object-store bytes and driver RSS while training, data.cache memory vs none, at two sizes.
 
-    .venv/bin/python bench/memory.py [--data data/avt_digits_large] [--sizes 10000 20000] [--val-rows 1000]
+    .venv/bin/python bench/memory.py [--data data/avt_digits_large] [--sizes 8000 16000] [--val-rows 800]
         [--epochs 1] [--out bench/results/memory.json]
 
 Each (data.cache, size) is one fresh process (a child of this script: `--one`), so that the driver's RSS and
@@ -120,8 +120,8 @@ def one(data: str, mode: str, train_rows: int, val_rows: int, epochs: int, out: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(REPO / "data" / "avt_digits_large"))
-    p.add_argument("--sizes", type=int, nargs=2, default=[10_000, 20_000], help="train rows, two sizes")
-    p.add_argument("--val-rows", type=int, default=1_000)
+    p.add_argument("--sizes", type=int, nargs=2, default=[8_000, 16_000], help="train rows, two sizes")
+    p.add_argument("--val-rows", type=int, default=800)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--modes", nargs="+", default=["memory", "none"])
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "memory.json"))
