@@ -77,9 +77,9 @@ def server(ray_local, arts):
     single = app_config(arts["image_text"], "single", "/single", topology="single", api_key=API_KEY)
     ingress = deployment(single, "Ingress")
     ingress.update(max_ongoing_requests=2, max_queued_requests=2)  # tiny queue: the overload test gets 503s
-    single["deployments"].append({"name": "Model", "num_replicas": 1, "max_ongoing_requests": 8,
-                                  "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
-                                  "ray_actor_options": {"num_cpus": 0.3}})
+    deployment(single, "Model").update(max_ongoing_requests=8,  # local.yaml's entry, smaller for the tests
+                                       user_config={"max_batch_size": 8, "batch_wait_timeout_s": 0.005},
+                                       ray_actor_options={"num_cpus": 0.3})
     scale = app_config(arts["image"], "scale", "/scale")
     enc = deployment(scale, "ImageEncoder")
     enc.pop("num_replicas")
