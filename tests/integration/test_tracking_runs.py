@@ -54,7 +54,7 @@ def test_train_logs_every_epoch_to_tensorboard_and_mlflow_and_prints_no_ray_line
                            "--address", address], capture_output=True, text=True, timeout=600)
     err = proc.stderr.splitlines()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what mmfusion sets for its file store (tracking.py)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as mmfusion sets it for its file store
 
     run_dir = storage / "tracked"
     metrics = json.loads((run_dir / "artifact" / "metrics.json").read_text())
