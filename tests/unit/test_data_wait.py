@@ -6,18 +6,9 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import nn
+from tests.unit.test_train_loop import Toy  # a linear toy over batch["image"]: (B, 4) -> (B, 3)
 
 from mmfusion.train.loop import build_optimizer, train_one_epoch
-
-
-class Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 3)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.lin(batch["image"])  # (B, 3)
 
 
 def batches(n: int, first_delay: float = 0.0, delay: float = 0.0):

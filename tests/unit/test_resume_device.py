@@ -8,19 +8,11 @@ it would leave them on the CPU of a GPU worker.
 from pathlib import Path
 
 import torch
+from tests.unit.test_train_loop import Toy  # a linear toy over batch["image"]: (B, 4) -> (B, 3)
 from torch import nn
 
 from mmfusion.train.checkpoint import LoopState, resume, save_checkpoint
 from mmfusion.train.loop import build_optimizer, build_scheduler, grad_scaler, train_one_epoch
-
-
-class Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 3)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.lin(batch["image"])  # (B, 3)
 
 
 def _batches(n: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
