@@ -34,16 +34,23 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
                  encoder_lr: float | dict[str, float] | None = None) -> list[dict]:
     """Optimizer parameter groups: encoders at `encoder_lr` (per modality when a dict), the rest at `lr`.
 
+    An encoder's `new_parameters()`, when it has them (the projection a pretrained encoder adds on top of its
+    backbone: mmfusion.models.encoders.FrozenBackboneMixin), are randomly initialised layers like the head's:
+    they train at `lr`, and `encoder_lr` applies to the backbone only. Encoders without that method (the
+    from-scratch CNN, LSTM, Transformer) train wholly at `encoder_lr`.
     Biases and normalization weights (1-D parameters) get no weight decay, as usual: decaying a BatchNorm or
     LayerNorm scale towards 0 only fights the normalization. Frozen parameters are left out.
     """
+    encoders = getattr(getattr(model, "module", model), "encoders", None)  # DDP wraps the FusionModel
+    new = {id(p) for enc in (encoders.values() if isinstance(encoders, nn.ModuleDict) else ())
+           for p in (enc.new_parameters() if hasattr(enc, "new_parameters") else ())}
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         parts = name.removeprefix("module.").split(".")
         group_lr = lr
-        if parts[0] == "encoders" and encoder_lr is not None:  # FusionModel.encoders.<modality>.*
+        if parts[0] == "encoders" and encoder_lr is not None and id(p) not in new:  # encoders.<modality>.*
             group_lr = encoder_lr.get(parts[1], lr) if isinstance(encoder_lr, dict) else encoder_lr
         groups.setdefault((group_lr, 0.0 if p.ndim <= 1 else weight_decay), []).append(p)
     return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]

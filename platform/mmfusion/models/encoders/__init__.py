@@ -102,6 +102,12 @@ class FrozenBackboneMixin(nn.Module):
     def forward(self, *inputs: Tensor) -> Tensor:  # -> (B, out_dim)
         return self.proj(self.features(*inputs))
 
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The parameters this encoder adds on top of its backbone (the projection `proj`): randomly
+        initialised whatever the backbone holds, so the optimizer trains them with the fusion and the head at
+        `optim.lr`; `optim.encoder_lr` is for the backbone (mmfusion.train.loop.param_groups)."""
+        return list(self.proj.parameters())
+
     def setup_head(self, name: str, dim: int | None, freeze: bool, probe: Callable[[], Tensor]) -> None:
         """The tail every pretrained encoder shares: an optional projection to `dim` (`out_dim` is `dim` or
         the backbone's hidden size), then freeze the backbone, or else stop gradients to the parameters
