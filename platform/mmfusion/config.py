@@ -46,6 +46,10 @@ class TextPreprocessConfig(Strict):
     tokenizer: str = "builtin"
     max_length: int = Field(32, ge=1, le=4096)  # tokens; longer texts are truncated (and said so)
     lowercase: bool = True  # builtin tokenizer only
+    # train-time augmentation: each train row's text gets character typos at this rate per character (deleted,
+    # replaced, doubled or swapped: the text_typos of `mmfusion evaluate --robustness`), once, when the split
+    # is preprocessed, seeded by (seed, row id). Val, test and serving see the text as it is. 0 = off.
+    augment_typo_rate: float = Field(0.0, ge=0, le=1)
 
 
 class AudioStats(Strict):
