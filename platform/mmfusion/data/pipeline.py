@@ -38,7 +38,7 @@ from mmfusion.config import AudioStats, DataConfig
 from mmfusion.data import plan, readers, rejects, schema
 from mmfusion.data.audio import fit_stats, standardize
 from mmfusion.data.image import normalize_images
-from mmfusion.data.preprocessor import EMPTY_ROW, META_COLUMNS, Preprocessor, input_spec
+from mmfusion.data.preprocessor import AUG_KEYS, EMPTY_ROW, META_COLUMNS, Preprocessor, input_spec
 from mmfusion.data.text import load_tokenizer
 from mmfusion.errors import DataError
 from mmfusion.runtime import usable_cpus
@@ -86,6 +86,8 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
     row count); auto picks from the estimated preprocessed size against the object store and logs why. Both
     make one pass first (rows, rejects, the bad-row threshold, the val carve-out, class counts).
     data.shuffle=global: the train dataset is re-shuffled as a whole every epoch (seeded).
+    data.text.augment_typo_rate > 0 (with "train" requested): the train rows' text gets typos (seeded by
+    `seed` and the row id) when it is preprocessed; rows carved out into val keep their clean text.
     Training (labels not given, "train" requested): when audio is configured with data.audio.normalize and
     without data.audio.stats, the mean/std of the train split's features are measured here, written into
     `cfg.audio.stats` (so the experiment config saved in the artifact carries them) and applied to every
@@ -134,7 +136,12 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
         if cfg.read_parallelism < 0:  # reads outrun the pool: a few tasks, so raw blocks do not pile up
             read_cfg = cfg.model_copy(update={"read_parallelism": plan.STREAM_READ_TASKS})
 
-    processed = _preprocessed(read_cfg, summary, read_splits, labels, actors)
+    augment = "train" in splits and "text" in cfg.modalities and cfg.text.augment_typo_rate > 0
+    augment_seed = seed if augment else None
+    if augment_seed is not None:
+        log.info("data.text.augment_typo_rate=%g: the train split's text gets typos (seed %d)",
+                 cfg.text.augment_typo_rate, seed)
+    processed = _preprocessed(read_cfg, summary, read_splits, labels, actors, augment_seed=augment_seed)
     if mode == "memory":  # every epoch reads tensors instead of decoding again
         processed = processed.materialize()
     stats = _row_stats(processed, seed, cfg.val_fraction if carve_val else None, len(labels))
@@ -157,10 +164,11 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
             ds = processed.filter(expr=col("error") == "")
             if carve_val:
                 ds = ds.map_batches(_carve_val, batch_format="pyarrow", fn_kwargs=carve)
-            return ds.filter(expr=col("split") == split)
+            return use_augmented(ds.filter(expr=col("split") == split), split, augment_seed is not None)
         source = "train" if carve_val and split == "val" else split
-        return _preprocessed(read_cfg, summary, [source], labels, actors, carve if carve_val else None,
-                             split, initial=1).filter(expr=col("error") == "")
+        ds = _preprocessed(read_cfg, summary, [source], labels, actors, carve if carve_val else None,
+                           split, initial=1, augment_seed=augment_seed).filter(expr=col("error") == "")
+        return use_augmented(ds, split, augment_seed is not None)
 
     good = {s: good_rows(s) for s in splits}
     if fit_audio:
@@ -231,12 +239,23 @@ def _apply_audio_stats(batch: dict[str, np.ndarray], stats: AudioStats, column: 
     return batch
 
 
+def use_augmented(ds: ray.data.Dataset, split: str, augmented: bool) -> ray.data.Dataset:
+    """One split's rows with one pair of text columns: the train split's augmented tokens become "text" and
+    "text_mask"; every other split drops them (its rows, those carved out of train included, stay clean)."""
+    if not augmented:
+        return ds
+    if split != "train":
+        return ds.drop_columns(list(AUG_KEYS.values()))
+    return ds.drop_columns(list(AUG_KEYS)).rename_columns({v: k for k, v in AUG_KEYS.items()})
+
+
 def _preprocessed(cfg: DataConfig, summary: readers.DatasetSummary, splits: list[str], labels: list[str],
                   actors: int, carve: dict[str, int] | None = None, keep: str | None = None,
-                  initial: int | None = None) -> ray.data.Dataset:
+                  initial: int | None = None, augment_seed: int | None = None) -> ray.data.Dataset:
     """Records of `splits` -> Preprocessor rows, over a pool of up to `actors` actors (lazy), `initial` of
     them (default all) started at once. carve (seed, threshold) moves train rows to val before
-    preprocessing, and keep then leaves only that split's rows."""
+    preprocessing, and keep then leaves only that split's rows. augment_seed: the Preprocessor adds the
+    train rows' augmented text columns (data.text.augment_typo_rate)."""
     units = [u.as_row() for u in readers.plan_units(summary.files, MANIFEST_UNIT_ROWS)]
     rows = sum(n for s, n in summary.rows.items() if s in splits)
     read_kwargs: dict[str, Any] = {}
@@ -263,7 +282,7 @@ def _preprocessed(cfg: DataConfig, summary: readers.DatasetSummary, splits: list
         # a copy as it is now: the stream runs later, after build_datasets may have set cfg.audio.stats
         # (which it applies in a step of its own)
         fn_constructor_kwargs={"cfg": cfg.model_copy(deep=True), "labels": labels, "num_threads": 1,
-                               "uint8_images": True},
+                               "uint8_images": True, "augment_seed": augment_seed},
         batch_size=PREPROCESS_BATCH,
         batch_format="numpy",
         # streams that run beside training start small and grow, so val's pool does not hold train's CPUs

@@ -25,9 +25,12 @@ from mmfusion.data.audio import (
 )
 from mmfusion.data.image import background_rgb, image_batch, image_pixels, norm_stats
 from mmfusion.data.labels import label_key
-from mmfusion.data.text import Tokenizer, load_tokenizer, text_batch
+from mmfusion.data.text import Tokenizer, augment_typos, load_tokenizer, text_batch
 
 META_COLUMNS = ("id", "split", "source", "row")  # bookkeeping columns passed through Preprocessor untouched
+# data.text.augment_typo_rate: the train rows' augmented tokens, beside the clean ones until the split is
+# final (the pipeline then keeps one pair per split: mmfusion.data.pipeline.use_augmented)
+AUG_KEYS = {"text": "text_aug", "text_mask": "text_aug_mask"}
 # the error of a row that is fine but has none of the configured modalities (a single-modality run over rows
 # that lack it): skipped, and not counted towards data.max_bad_fraction
 EMPTY_ROW = "record: none of the configured modalities"
@@ -73,18 +76,25 @@ class Preprocessor:
          "error" (N,) str: "" for a good row, else "<modality>: <reason>". Only configured modalities appear;
          a missing (None) or empty-text field is a missing modality: zeros and present=False. A row with none
          of them present is an error.
+         With augment_seed (training, data.text.augment_typo_rate > 0) also "text_aug", "text_aug_mask": the
+         tokens of the text with typos (data.text.augment_typos) for rows whose "split" is "train", the clean
+         tokens for the others.
     """
 
     def __init__(self, cfg: DataConfig, labels: list[str] | None = None, num_threads: int | None = None,
-                 uint8_images: bool = False) -> None:
+                 uint8_images: bool = False, augment_seed: int | None = None) -> None:
         """uint8_images: leave images as decoded + resized uint8 pixels (the Ray Data pipeline: the object
-        store then holds 1 byte per pixel, and the collate step normalizes them in the worker)."""
+        store then holds 1 byte per pixel, and the collate step normalizes them in the worker).
+        augment_seed: the experiment seed, to add the augmented text columns (build_datasets, for training
+        only); None, or data.text.augment_typo_rate 0, adds nothing."""
         if num_threads is not None:  # Ray Data actors: one thread each, the pool provides the parallelism
             torch.set_num_threads(num_threads)
         self.cfg = cfg
         self.uint8_images = uint8_images
         self.modalities = tuple(cfg.modalities)
         self.tokenizer = load_tokenizer(cfg.text) if "text" in self.modalities else None
+        rate = cfg.text.augment_typo_rate
+        self.augment_seed = augment_seed if rate > 0 and self.tokenizer is not None else None
         self.spec = input_spec(cfg, self.tokenizer)
         self.labels = list(labels) if labels is not None else None
         self._label_index = {lab: i for i, lab in enumerate(self.labels or [])}
@@ -107,6 +117,8 @@ class Preprocessor:
             else:
                 assert self.tokenizer is not None
                 out["text"], out["text_mask"], _, errs = text_batch(values, self.cfg.text, self.tokenizer)
+                if self.augment_seed is not None:
+                    out[AUG_KEYS["text"]], out[AUG_KEYS["text_mask"]] = self._augmented(batch, values, n)
             for i, (v, e) in enumerate(zip(values, errs, strict=True)):
                 if e is not None:
                     errors[i] = errors[i] or f"{m}: {e}"
@@ -120,6 +132,9 @@ class Preprocessor:
             for m in self.modalities:
                 for k in INPUT_KEYS[m]:
                     out[k][bad] = 0
+            for k in AUG_KEYS.values():
+                if k in out:
+                    out[k][bad] = 0
             present[bad] = False
             labels[bad] = -1
         out["present"] = present
@@ -132,6 +147,20 @@ class Preprocessor:
                 out[k] = np.asarray(batch[k])
         out["error"] = np.array(errors, dtype=object)
         return out
+
+    def _augmented(self, batch: dict[str, Any], values: list[Any], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens (N, L) and mask (N, L) of the train rows' text with typos; other rows' text unchanged."""
+        assert self.tokenizer is not None and self.augment_seed is not None
+        splits = _column(batch, "split", n)
+        ids = _column(batch, "id", n) if batch.get("id") is not None else [str(i) for i in range(n)]
+        train = [i for i in range(n) if splits[i] == "train" and values[i] is not None]
+        noisy = augment_typos([values[i] for i in train], [ids[i] for i in train],
+                              self.cfg.text.augment_typo_rate, self.augment_seed)
+        texts = list(values)
+        for i, v in zip(train, noisy, strict=True):
+            texts[i] = v
+        ids_aug, mask_aug, _, _ = text_batch(texts, self.cfg.text, self.tokenizer)
+        return ids_aug, mask_aug
 
     def _labels(self, batch: dict[str, Any], n: int, errors: list[str]) -> np.ndarray:
         out = np.full(n, -1, dtype=np.int64)  # (N,)

@@ -144,6 +144,17 @@ def text_batch(values: Sequence[Any], cfg: TextPreprocessConfig, tokenizer: Toke
     return ids, mask, truncated, errors
 
 
+def augment_typos(values: Sequence[Any], ids: Sequence[Any], rate: float, seed: int) -> list[Any]:
+    """Train-time augmentation (data.text.augment_typo_rate): each text with character typos at `rate` per
+    character, by the kernel `mmfusion evaluate --robustness` uses (mmfusion.evaluate.noise.text_typos:
+    deleted, replaced, doubled or swapped), from a generator seeded by (seed, rate, row id): the same typos
+    on every run with this seed, whatever the batching. None stays None; rate 0 returns the values as they
+    are."""
+    from mmfusion.evaluate.noise import corrupt  # numpy only
+
+    return corrupt(values, [str(i) for i in ids], "text_typos", rate, seed)
+
+
 def preprocess_text(text: str, cfg: TextPreprocessConfig, tokenizer: Tokenizer,
                     ) -> tuple[np.ndarray, np.ndarray, bool]:
     """One text -> ids int64 (L,), mask int64 (L,), truncated flag (Serve tells the client).
