@@ -3,15 +3,19 @@ in one run, on the same splits, for several seeds.
 
     .venv/bin/python bench/pretrained_text.py [--seeds 0,1,2] [--data data/avt_digits]
         [--out bench/results/pretrained_text.json] [--minilm key=value ...] [--bilstm key=value ...]
+        [--variant NAME ENCODER key=value ... [--variant ...]] [--variants bilstm,minilm,NAME,...]
 
 Rows (each trained with `seed=S`, then evaluated on the test split in-process):
   bilstm  jobs/configs/avt_digits.yaml data.modalities=[text]  (the base config's from-scratch text encoder)
   minilm  jobs/configs/avt_digits_pretrained.yaml               (MiniLM from `make pretrained`, as configured)
-Extra overrides apply to one encoder (`--minilm train.epochs=2`). Test accuracy is broken down by the test
+Extra overrides apply to one encoder (`--minilm train.epochs=2`). `--variant NAME ENCODER OVERRIDES...` adds a
+row named NAME: ENCODER's config (bilstm or minilm) with those overrides (`--variant bilstm_aug bilstm
+data.text.augment_typo_rate=0.1`); `--variants` picks the rows to run (default: bilstm,minilm, plus every
+--variant given). Test accuracy is broken down by the test
 row's language and by whether its word has typos (AVT-Digits' _provenance/test.parquet: the test languages
 are unseen in training). Prints a table; writes JSON after every run (keeping the rows
 of other seeds already in it, so the seeds may run one at a time). The summary: mean and spread per
-encoder, and the per-seed difference minilm - bilstm.
+variant, and the per-seed difference of each variant from bilstm.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -58,10 +64,27 @@ def breakdown(pred_path: Path, data: str) -> dict[str, Any]:
     return {g: {"rows": len(v), "accuracy": sum(v) / len(v)} for g, v in sorted(groups.items())}
 
 
-def run_one(name: str, seed: int, data: str, storage: str, extra: list[str]) -> dict[str, Any]:
+def source_version() -> str:
+    """The commit the bench ran from, `+dirty` when the working tree had changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def run_one(variant: str, name: str, seed: int, data: str, storage: str, extra: list[str]) -> dict[str, Any]:
     config, overrides = ENCODERS[name]
+    run_name = f"pretrained-text-{variant}-seed{seed}"
     cfg = load_config(config, [f"data.path={data}", f"train.storage_path={storage}", f"seed={seed}",
-                               f"train.run_name=pretrained-text-{name}-seed{seed}", *overrides, *extra])
+                               f"train.run_name={run_name}", *overrides, *extra])
+    old = Path(storage) / run_name
+    if old.exists():  # a run of that name would resume from its checkpoints: measure a fresh one
+        log.info("removing the earlier run %s", old)
+        shutil.rmtree(old)
     t0 = time.perf_counter()
     run = run_training(cfg)
     train_s = time.perf_counter() - t0
@@ -69,7 +92,8 @@ def run_one(name: str, seed: int, data: str, storage: str, extra: list[str]) -> 
     pred_path = Path(run.artifact) / "test_predictions.parquet"
     pred = predict_to_parquet(run.artifact, data, pred_path, split="test", local=True)
     history = run.metrics["history"]
-    return {"encoder": name, "seed": seed, "config": config, "overrides": [*overrides, *extra],
+    return {"variant": variant, "encoder": name, "seed": seed, "config": config,
+            "overrides": [*overrides, *extra], "source": source_version(),
             "test_accuracy": ev.report["accuracy"], "test_macro_f1": ev.report["macro_f1"],
             f"best_{cfg.train.metric}": run.metrics.get(f"best_{cfg.train.metric}"),
             "epochs": run.metrics["epochs_run"], "train_seconds": round(train_s, 1),
@@ -77,30 +101,43 @@ def run_one(name: str, seed: int, data: str, storage: str, extra: list[str]) -> 
             "breakdown": breakdown(pred.out, data), "artifact": str(run.artifact)}
 
 
+def variant_of(row: dict[str, Any]) -> str:
+    return row.get("variant", row["encoder"])  # rows written before variants existed: the encoder's name
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per variant: test accuracy over the seeds (mean, sd, min, max, per seed) and the best val accuracy's
+    mean; then each variant's per-seed difference from bilstm (the shipped from-scratch config)."""
     out: dict[str, Any] = {}
-    for name in ENCODERS:
-        accs = [r["test_accuracy"] for r in rows if r["encoder"] == name]
-        if accs:
-            out[name] = {"seeds": len(accs), "mean": statistics.mean(accs),
-                         "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0, "min": min(accs),
-                         "max": max(accs)}
-    by_seed = {(r["encoder"], r["seed"]): r["test_accuracy"] for r in rows}
-    diffs = [by_seed["minilm", s] - by_seed["bilstm", s] for (e, s) in by_seed if e == "minilm"
-             and ("bilstm", s) in by_seed]
-    if diffs:
-        out["minilm_minus_bilstm"] = {"per_seed": diffs, "mean": statistics.mean(diffs),
-                                      "seeds_minilm_better": sum(d > 0 for d in diffs), "seeds": len(diffs)}
+    variants = list(dict.fromkeys(variant_of(r) for r in rows))
+    for v in variants:
+        mine = sorted((r for r in rows if variant_of(r) == v), key=lambda r: r["seed"])
+        accs = [r["test_accuracy"] for r in mine]
+        vals = [r["best_val_accuracy"] for r in mine if r.get("best_val_accuracy") is not None]
+        out[v] = {"encoder": mine[0]["encoder"], "overrides": mine[0]["overrides"], "seeds": len(accs),
+                  "mean": statistics.mean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                  "min": min(accs), "max": max(accs),
+                  "per_seed": {str(r["seed"]): r["test_accuracy"] for r in mine},
+                  "val_mean": statistics.mean(vals) if vals else None}
+    by_seed = {(variant_of(r), r["seed"]): r["test_accuracy"] for r in rows}
+    for v in variants:
+        if v == "bilstm":
+            continue
+        seeds = sorted(s for (w, s) in by_seed if w == v and ("bilstm", s) in by_seed)
+        diffs = [by_seed[v, s] - by_seed["bilstm", s] for s in seeds]
+        if diffs:
+            out[f"{v}_minus_bilstm"] = {"seeds": seeds, "per_seed": diffs, "mean": statistics.mean(diffs),
+                                        f"seeds_{v}_better": sum(d > 0 for d in diffs)}
     return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     groups = sorted({g for r in rows for g in r["breakdown"] if g != "all"})
-    lines = ["| encoder | seed | test acc | macro-F1 | " + " | ".join(g.removeprefix("lang:") for g in groups)
+    lines = ["| variant | seed | test acc | macro-F1 | " + " | ".join(g.removeprefix("lang:") for g in groups)
              + " | epochs | train s |", "|---" * (len(groups) + 6) + "|"]
     for r in rows:
         cells = [f"{r['breakdown'][g]['accuracy']:.2f}" if g in r["breakdown"] else "-" for g in groups]
-        head = f"| {r['encoder']} | {r['seed']} | {r['test_accuracy']:.3f} | {r['test_macro_f1']:.3f} | "
+        head = f"| {variant_of(r)} | {r['seed']} | {r['test_accuracy']:.3f} | {r['test_macro_f1']:.3f} | "
         lines.append(head + " | ".join(cells) + f" | {r['epochs']} | {r['train_seconds']} |")
     return "\n".join(lines)
 
@@ -111,24 +148,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/avt_digits")
     p.add_argument("--out", default="bench/results/pretrained_text.json")
     p.add_argument("--storage", default="runs/bench-pretrained-text")
-    p.add_argument("--encoders", default="bilstm,minilm")
+    p.add_argument("--encoders", default=None, help="deprecated name of --variants")
+    p.add_argument("--variants", default=None,
+                   help="rows to run, comma-separated (default: bilstm,minilm and every --variant)")
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME ENCODER KEY=VALUE",
+                   help="a named row: ENCODER's config (bilstm or minilm) with these overrides")
     p.add_argument("--minilm", nargs="*", default=[], help="overrides for the MiniLM runs only")
     p.add_argument("--bilstm", nargs="*", default=[], help="overrides for the BiLSTM runs only")
     args = p.parse_args(argv)
+    defined: dict[str, tuple[str, list[str]]] = {"bilstm": ("bilstm", args.bilstm),
+                                                 "minilm": ("minilm", args.minilm)}
+    for spec in args.variant:
+        if len(spec) < 2 or spec[1] not in ENCODERS or spec[0] in ENCODERS:
+            p.error(f"--variant {' '.join(spec)}: expected NAME ENCODER [KEY=VALUE ...], ENCODER one of "
+                    f"{', '.join(ENCODERS)}, NAME not one of them")
+        defined[spec[0]] = (spec[1], spec[2:])
+    chosen = args.variants or args.encoders or ",".join(defined)
+    names = [v for v in chosen.split(",") if v]
+    unknown = [v for v in names if v not in defined]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; defined: {', '.join(defined)}")
     setup_logging()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    extra = {"minilm": args.minilm, "bilstm": args.bilstm}
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    names = [e for e in args.encoders.split(",") if e]
     rows: list[dict[str, Any]] = []
-    if out.is_file():  # rows of other seeds or encoders measured before (one locked run per seed) are kept
-        rows = [r for r in json.loads(out.read_text())["rows"] if r["seed"] not in seeds or r["encoder"]
+    if out.is_file():  # rows of other seeds or variants measured before (one locked run per seed) are kept
+        rows = [r for r in json.loads(out.read_text())["rows"] if r["seed"] not in seeds or variant_of(r)
                 not in names]
     for seed in seeds:
         for name in names:
-            log.info("%s, seed %d", name, seed)
-            rows.append(run_one(name, seed, args.data, args.storage, extra[name]))
+            encoder, extra = defined[name]
+            log.info("%s (%s %s), seed %d", name, encoder, " ".join(extra), seed)
+            rows.append(run_one(name, encoder, seed, args.data, args.storage, extra))
             doc = {"data": args.data, "rows": rows, "summary": summarize(rows)}
             out.write_text(json.dumps(doc, indent=1))
     sys.stdout.write(table(rows) + "\n\n" + json.dumps(summarize(rows), indent=1) + "\n")
