@@ -1,14 +1,21 @@
-"""`mmfusion submit` / `mmfusion jobs` as a user runs them, against a private `ray start --head` cluster on
-127.0.0.1 with Ray token authentication on (acceptance 1 of the cluster-jobs issue)."""
+"""`mmfusion submit` / `mmfusion jobs` as a user runs them, against a private two-node cluster (two `ray
+start` processes on 127.0.0.1, token authentication on, one storage folder both see): acceptance 1 of the
+cluster-jobs issue (submit, job status and logs, failures and a missing token reported clearly) and acceptance
+2 (a 2-worker training puts one worker on each node and writes its checkpoints to the shared storage path).
+
+One cluster and one submitted training serve every test here: a node costs seconds to start, a submitted
+training half a minute."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 from tests.e2e.ray_cluster import LocalRayCluster, make_cluster
 from tests.helpers import write_tiny_yaml
 
@@ -16,12 +23,17 @@ pytestmark = pytest.mark.e2e
 MMF = str(Path(sys.executable).parent / "mmfusion")
 REPO = Path(__file__).resolve().parents[2]
 
+# Each node declares 3 logical CPUs and each Train worker asks for 2: one worker fits a node, so the two
+# workers must spread, and each node keeps a CPU for Ray Data's tasks.
+NODE_CPUS, WORKER_CPUS = 3, 2
+
 
 @pytest.fixture(scope="module")
 def cluster():
     c = make_cluster()
     try:
-        c.start_head(num_cpus=2)
+        c.start_head(num_cpus=NODE_CPUS)
+        c.add_worker(num_cpus=NODE_CPUS)
         yield c
     finally:
         c.stop()
@@ -73,16 +85,33 @@ def test_a_failing_job_exits_non_zero_with_its_log_tail(cluster):
     assert status.stdout.splitlines()[0] == "FAILED"
 
 
-def test_submit_train_succeeds_and_its_artifact_exists(cluster, avt_tiny, tmp_path):
-    project = tmp_path / "project"  # a user's working dir: only its config travels with the job
+@dataclass
+class Submitted:
+    out: subprocess.CompletedProcess  # `mmfusion submit`'s own output
+    storage: Path  # the run's train.storage_path, the folder every node writes to
+    run_name: str
+
+
+@pytest.fixture(scope="module")
+def submitted_train(cluster, avt_tiny, tmp_path_factory) -> Submitted:
+    """A 2-worker, 1-epoch training submitted from a user's working dir: only its config travels with the
+    job (working dir = the project folder)."""
+    tmp = tmp_path_factory.mktemp("submit")
+    storage = tmp / "shared"  # the one folder every node writes to (NFS or S3 on a real cluster)
+    project = tmp / "project"
     (project / "jobs" / "configs").mkdir(parents=True)
-    write_tiny_yaml(project / "jobs" / "configs" / "tiny.yaml", avt_tiny, tmp_path / "runs",
-                    "train.epochs=1", "train.run_name=submitted")
+    write_tiny_yaml(project / "jobs" / "configs" / "tiny.yaml", avt_tiny, storage, "train.num_workers=2",
+                    f"train.cpus_per_worker={WORKER_CPUS}", "train.epochs=1", "train.run_name=two-nodes")
     out = mmfusion(cluster, "submit", "--address", cluster.dashboard_url, "--working-dir", str(project),
-                   "--", "train", "jobs/configs/tiny.yaml", cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+                   "--", "train", "jobs/configs/tiny.yaml", cwd=tmp, timeout=600)
+    return Submitted(out, storage, "two-nodes")
+
+
+def test_submit_train_succeeds_and_its_artifact_exists(cluster, submitted_train):
+    out = submitted_train.out
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:] + cluster.log_tail()
     job = submitted_id(out)
-    artifact = tmp_path / "runs" / "submitted" / "artifact"
+    artifact = submitted_train.storage / submitted_train.run_name / "artifact"
     assert str(artifact) in out.stdout  # the job's own stdout (the artifact path), streamed back
     assert (artifact / "model.safetensors").is_file() and (artifact / "config.yaml").is_file()
 
@@ -94,3 +123,27 @@ def test_submit_train_succeeds_and_its_artifact_exists(cluster, avt_tiny, tmp_pa
     unknown = mmfusion(cluster, "jobs", "status", "raysubmit_doesnotexist", "--address",
                        cluster.dashboard_url)
     assert unknown.returncode == 2 and "no job raysubmit_doesnotexist" in unknown.stderr
+
+
+def train_worker_nodes(cluster: LocalRayCluster) -> list[str]:
+    """Node ids of the Ray Train worker actors (alive or finished), from the State API."""
+    r = requests.get(f"{cluster.dashboard_url}/api/v0/actors",
+                     params={"filter_keys": "class_name", "filter_predicates": "=",
+                             "filter_values": "RayTrainWorker", "detail": "1", "limit": "100"},
+                     headers={"Authorization": f"Bearer {cluster.token}"}, timeout=30)
+    r.raise_for_status()
+    return [a["node_id"] for a in r.json()["data"]["result"]["result"]]
+
+
+def test_two_workers_spread_over_both_nodes_and_checkpoint_to_shared_storage(cluster, submitted_train):
+    assert cluster.alive_nodes() == 2
+    out = submitted_train.out
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:] + cluster.log_tail()
+
+    nodes = train_worker_nodes(cluster)  # the only training on this cluster: the other jobs fail before it
+    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes  # one Train worker on each node
+    run = submitted_train.storage / submitted_train.run_name
+    checkpoints = sorted(c for c in run.glob("checkpoint_*") if c.is_dir())
+    assert checkpoints, list(run.iterdir())
+    assert all((c / "model.safetensors").is_file() and (c / "state.json").is_file() for c in checkpoints)
+    assert (run / "artifact" / "model.safetensors").is_file()
