@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Serve config file (default: serve/local.yaml)")
     sv.add_argument("--host", help="bind address (default: the config's http_options.host)")
     sv.add_argument("--port", type=int, help="port (default: the config's http_options.port)")
-    sv.add_argument("--topology", choices=["split", "single"], help="override the config's args.topology")
+    sv.add_argument("--topology", choices=["split", "single", "monolith"],
+                    help="override the config's args.topology")
     sv.add_argument("--api-key-env", help="require the API key held in this environment variable")
     sv.add_argument("--address",
                     help="Ray cluster address (default: RAY_ADDRESS, else an embedded local cluster)")

@@ -36,8 +36,8 @@ def test_config_is_valid_for_serve_and_every_key_is_known(name):
     assert app["import_path"] == APP_IMPORT_PATH
     assert "working_dir" not in (app.get("runtime_env") or {})  # Serve config files need a remote URI there
     ServeArgs.model_validate(app["args"])
-    names = {d["name"] for d in app["deployments"]}  # what build_app creates (+ Model for --topology single)
-    assert set(ALL_SPLIT) <= names <= {*ALL_SPLIT, "Model"}
+    names = {d["name"] for d in app["deployments"]}  # what build_app creates (+ --topology single, monolith)
+    assert set(ALL_SPLIT) <= names <= {*ALL_SPLIT, "Model", "Monolith"}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -54,10 +54,15 @@ def test_batch_sizes_fit_max_ongoing_requests(name):
 def test_local_fits_two_cores_without_gpu():
     raw = load("local")
     assert raw["http_options"]["host"] == "127.0.0.1"
-    deps = raw["applications"][0]["deployments"]
-    assert all("num_gpus" not in d["ray_actor_options"] for d in deps)
-    replicas = [d.get("num_replicas", d.get("autoscaling_config", {}).get("max_replicas", 1)) for d in deps]
-    assert sum(r * d["ray_actor_options"]["num_cpus"] for r, d in zip(replicas, deps, strict=True)) <= 2.0
+    all_deps = raw["applications"][0]["deployments"]
+    assert all("num_gpus" not in d["ray_actor_options"] for d in all_deps)
+    for topology in ("split", "single", "monolith"):  # one app at a time: each topology's entries fit
+        names = deployment_names(["image", "text", "audio"], topology)
+        deps = [d for d in all_deps if d["name"] in names]
+        assert sorted(d["name"] for d in deps) == sorted(names), topology
+        replicas = [d.get("num_replicas", d.get("autoscaling_config", {}).get("max_replicas", 1))
+                    for d in deps]
+        assert sum(r * d["ray_actor_options"]["num_cpus"] for r, d in zip(replicas, deps, strict=True)) <= 2.0
     assert raw["applications"][0]["args"]["device"] == "cpu"
 
 
@@ -139,6 +144,9 @@ def test_prepare_config_fits_the_config_to_the_artifact(two_modality_artifact, m
     assert [d["name"] for d in single["applications"][0]["deployments"]] == ["Ingress", "Model"]
     assert single["applications"][0]["args"]["topology"] == "single"
     assert single["applications"][0]["args"]["api_key_env"] == "MY_KEY"
+    mono = prepare_config(load("local"), str(two_modality_artifact), topology="monolith")["applications"][0]
+    assert [d["name"] for d in mono["deployments"]] == ["Monolith"]  # the model lives in the ingress replica
+    assert BatchConfig.model_validate(mono["deployments"][0]["user_config"]).max_batch_size >= 1
     assert load("local") == yaml.safe_load(CONFIGS["local"].read_text())  # the input is not modified
 
 

@@ -171,3 +171,73 @@ def test_the_error_body_of_a_hostile_key_encodes():
     from fastapi.responses import JSONResponse
 
     assert b"\\\\ud800" in JSONResponse(payload).body  # rendered, as UTF-8, without an exception
+
+
+# ------------------------------------------------------------------------- monolith: the model in the ingress
+
+
+class FakeRunner:
+    """ModelRunner's interface: rows of raw inputs -> one Predicted each; records the batches it got."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.batches: list[int] = []
+        self.probes = 0
+        self.fail = fail
+
+    def __call__(self, items: list[dict[str, Any]]) -> list[Any]:
+        from mmfusion.serving.messages import Predicted
+
+        if self.fail is not None:
+            raise self.fail
+        self.batches.append(len(items))
+        return [Predicted(error="not UTF-8", modality="text", status=400) if it["text"] == "bad"
+                else Predicted(probabilities=np.array([0.9, 0.1], np.float32)) for it in items]
+
+    def probe(self) -> None:
+        self.probes += 1
+
+
+def monolith(runner: FakeRunner, monkeypatch) -> Any:
+    from ray import serve
+
+    from mmfusion.serving import metrics as sm
+
+    monkeypatch.setattr(sm, "_metrics", SimpleNamespace(batch=SimpleNamespace(observe=lambda n: None)))
+    replica = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: replica)  # @serve.batch reads it; no Serve here
+    # @serve.batch keeps one queue per decorated function and process, bound to the first event loop that
+    # used it (one replica: one loop); each test here runs its own loop, so it gets a fresh queue and knobs
+    lazy = Ingress.func_or_class.predict_rows.set_max_batch_size.__self__
+    for attr in ("_queue", "max_batch_size", "batch_wait_timeout_s"):
+        monkeypatch.setattr(lazy, attr, None if attr == "_queue" else getattr(lazy, attr))
+    ing = ingress(topology="monolith")
+    ing.encoders, ing.fusion, ing.backends = {}, None, {}
+    ing.runner, ing.stats = runner, sm.BatchSizes()
+    return ing
+
+
+def test_the_monolith_batches_concurrent_requests_in_its_own_replica(monkeypatch):
+    runner = FakeRunner()
+    ing = monolith(runner, monkeypatch)
+    ing.reconfigure({"max_batch_size": 4, "batch_wait_timeout_s": 0.2})
+
+    async def go():
+        texts = ["one", "two", "bad", "four", "five"]
+        return await asyncio.gather(*(ing.predict(request(json.dumps({"text": t}).encode()))
+                                      for t in texts), return_exceptions=True), await ing._batch_stats()
+
+    results, stats = asyncio.run(go())
+    assert runner.batches == [4, 1]  # max_batch_size from user_config, the fifth waits for the next batch
+    assert [stats[0]["batches"], stats[0]["rows"], stats[0]["max_batch"]] == [2, 5, 4]
+    ok = [json.loads(r.body) for r in results if not isinstance(r, Exception)]
+    assert len(ok) == 4 and all(b["label"] == "a" for b in ok)
+    [err] = [r for r in results if isinstance(r, Exception)]
+    assert isinstance(err, RequestError) and (err.status, err.field) == (400, "text")  # the row's own error
+    ing.check_health()
+    assert runner.probes == 1
+
+
+def test_an_exception_in_the_monoliths_model_is_a_503_with_retry_after(monkeypatch):
+    ing = monolith(FakeRunner(fail=RuntimeError("CUDA error")), monkeypatch)
+    status, body, headers = answer(ing, request())
+    assert status == 503 and headers["Retry-After"] == "1" and body["error"]["field"] == "server"

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 
 from mmfusion.serving import metrics as sm
@@ -43,7 +43,7 @@ def fake(monkeypatch):
 @pytest.fixture
 def client():
     api = FastAPI()
-    api.middleware("http")(sm.observe_request)
+    api.add_middleware(sm.ObserveRequests)
 
     @api.post("/v1/predict")
     async def predict(request: Request) -> JSONResponse:
@@ -52,9 +52,15 @@ def client():
         if "bad" in body:
             request.state.reject = body["bad"]  # a field name (here client-chosen: must not become a tag)
             return JSONResponse({"error": {}}, status_code=422)
+        if "boom" in body:
+            raise RuntimeError("a bug")
         return JSONResponse({"label": "3"})
 
-    return TestClient(api)
+    @api.get("/stream")
+    async def stream() -> StreamingResponse:
+        return StreamingResponse(iter([b"a", b"b"]), status_code=206)
+
+    return TestClient(api, raise_server_exceptions=False)
 
 
 def test_requests_are_counted_by_status_and_modalities_and_timed(fake, client):
@@ -70,6 +76,25 @@ def test_requests_are_counted_by_status_and_modalities_and_timed(fake, client):
     assert all(c[1] >= 0 for c in fake.latency.calls)
     assert [c[2]["reason"] for c in fake.rejected.calls] == ["image", "other", "request"]
     assert fake.inside == 0 and fake.in_flight.calls[-1][1] == 0
+
+
+def test_an_exception_in_the_app_counts_as_a_500_and_streamed_answers_by_their_status(fake, client):
+    assert client.post("/v1/predict", json={"text": "t", "boom": 1}).status_code == 500
+    assert client.get("/stream").status_code == 206
+    reqs = [c[2] for c in fake.requests.calls]
+    assert reqs[0] == {"route": "/v1/predict", "method": "POST", "status": "500", "modalities": "boom+text"}
+    assert reqs[1]["status"] == "206" and reqs[1]["route"] == "other"
+    assert fake.rejected.calls == [] and fake.inside == 0
+
+
+def test_the_middleware_is_pure_asgi_not_base_http_middleware():
+    """BaseHTTPMiddleware adds a task and a response stream per request (measured: bench/serve_ladder.py)."""
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    from mmfusion.serving.deployments import api
+
+    mws = [mw.cls for mw in api.user_middleware]
+    assert sm.ObserveRequests in mws and BaseHTTPMiddleware not in mws
 
 
 def test_the_access_log_line_has_the_request_but_never_its_content(fake, client, caplog):

@@ -158,7 +158,7 @@ def test_serve_args(monkeypatch):
     with pytest.raises(ValidationError, match="topolgy"):
         ServeArgs(artifact="/a", topolgy="single")  # a typo is an error, not ignored
     with pytest.raises(ValidationError):
-        ServeArgs(artifact="/a", topology="monolith")
+        ServeArgs(artifact="/a", topology="one-big-replica")
 
 
 def test_batch_config_and_stats():

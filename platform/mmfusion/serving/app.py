@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 INGRESS = "Ingress"
 FUSION = "Fusion"
 MODEL = "Model"
+MONOLITH = "Monolith"  # the monolith topology's one deployment: the Ingress class with the model inside
+TOPOLOGIES = ("split", "single", "monolith")
 
 
 def encoder_name(modality: str) -> str:
@@ -29,11 +31,14 @@ def deployment_names(modalities: list[str], topology: str) -> list[str]:
     """The deployments `build_app` creates for a model with these modalities, ingress first."""
     if topology == "single":
         return [INGRESS, MODEL]
+    if topology == "monolith":
+        return [MONOLITH]
     return [INGRESS, *(encoder_name(m) for m in modalities), FUSION]
 
 
 def build_app(args: ServeArgs) -> Application:
-    """Ingress -> one encoder deployment per modality of the artifact -> fusion (split), or ingress -> model.
+    """Ingress -> one encoder deployment per modality of the artifact -> fusion (split), ingress -> model
+    (single), or the ingress with the model inside it, deployed as Monolith (monolith).
 
     The artifact's config is read here, so a wrong path or a broken artifact fails the deployment at once with
     a message naming it, instead of in every replica.
@@ -46,6 +51,8 @@ def build_app(args: ServeArgs) -> Application:
     info = read_artifact_info(args.artifact)
     common = {"device": args.device, "torch_threads": args.torch_threads}
     log.info("building the %s app for %s (%s)", args.topology, info.path, ", ".join(info.modalities))
+    if args.topology == "monolith":
+        return Ingress.options(name=MONOLITH).bind(args)
     if args.topology == "single":
         return Ingress.options(name=INGRESS).bind(
             args, model=Model.options(name=MODEL).bind(args.artifact, **common))

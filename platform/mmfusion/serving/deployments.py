@@ -4,12 +4,15 @@ the whole-model deployment of the `single` topology.
   HTTP -> Ingress (validate, 4xx) --asyncio.gather--> ImageEncoder / TextEncoder / AudioEncoder (@serve.batch)
                                   --------------------> Fusion                                  (@serve.batch)
        single topology: Ingress -> Model (@serve.batch: preprocess, encode, fuse in one replica)
+     monolith topology: Monolith (the Ingress class loading the whole model itself, @serve.batch on its own
+                        method: one deployment, one replica hop fewer than `single`)
 
 Preprocessing runs in the encoder deployments, not in the ingress: decoding and resizing cost as much as a
 small encoder, so they scale with that modality's replicas (the GPU image encoder's node does its own JPEG
 decoding), batches go through the vectorised batch kernels shared with Ray Data, and encoded media (a few KB)
 travel between replicas instead of float tensors. The ingress stays light (no torch import) and only checks
-what needs no decoding: size, content type, fields, base64, API key, the model's modalities. It awaits the
+what needs no decoding: size, content type, fields, base64, API key, the model's modalities (in the
+monolith topology it imports torch and runs the model too: light scaling traded for the hop). It awaits the
 encoders itself (rather than chaining their responses into the fusion call) so that a decode error becomes a
 400 naming the modality and a full encoder queue a 503 with Retry-After before fusion is asked for anything.
 
@@ -35,7 +38,7 @@ import mmfusion
 from mmfusion.serving.batching import BatchConfig, BatchStats
 from mmfusion.serving.guards import check_client_headers, check_host, check_origin
 from mmfusion.serving.http import multipart_parts, read_body
-from mmfusion.serving.metrics import BatchSizes, observe_request
+from mmfusion.serving.metrics import BatchSizes, ObserveRequests
 from mmfusion.serving.schemas import (
     ErrorResponse,
     Health,
@@ -196,7 +199,7 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": PredictJSON.model_json_schema()}}}}
 
 
-api.middleware("http")(observe_request)  # Prometheus metrics and the access-log line (serving/metrics.py)
+api.add_middleware(ObserveRequests)  # Prometheus metrics and the access-log line (serving/metrics.py)
 
 
 @api.exception_handler(RequestError)
@@ -230,7 +233,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    """HTTP front: validation, API key, fan-out to the encoders (split) or the whole model (single)."""
+    """HTTP front: validation, API key, fan-out to the encoders (split) or the whole model (single), or the
+    whole model in this replica (monolith: deployed under the name Monolith, batching like Model does)."""
+
+    BATCHED = "predict_rows"  # the monolith's @serve.batch method (reconfigure sets its knobs)
 
     def __init__(self, args: ServeArgs, encoders: dict[str, DeploymentHandle] | None = None,
                  fusion: DeploymentHandle | None = None, model: DeploymentHandle | None = None) -> None:
@@ -242,6 +248,15 @@ class Ingress:
         self.encoders = encoders or {}
         self.fusion = fusion
         self.model = model
+        self.runner: Any = None  # the monolith's ModelRunner
+        self.stats = BatchSizes()
+        if self.args.topology == "monolith":
+            from mmfusion.serving.engine import ModelRunner
+
+            art, dev = _load_model(self.args.artifact, self.args.device, self.args.torch_threads)
+            self.runner = ModelRunner(art.model, art.cfg.data, dev)
+            self.runner.probe()  # fail at start, not on the first request
+            log.info("monolith: the whole model in the ingress replica, on %s", dev)
         if self.args.topology == "split" and (set(self.encoders) != set(self.info.modalities)
                                               or fusion is None):
             raise ValueError(f"split topology needs encoders for {self.info.modalities} "
@@ -250,9 +265,31 @@ class Ingress:
             raise ValueError("single topology needs the Model deployment")
         self.backends: dict[str, DeploymentHandle] = (
             {**{f"{m}_encoder": h for m, h in self.encoders.items()}, "fusion": fusion}  # type: ignore[dict-item]
-            if self.args.topology == "split" else {"model": model})  # type: ignore[dict-item]
+            if self.args.topology == "split" else {"model": model}  # type: ignore[dict-item]
+            if self.args.topology == "single" else {})  # monolith: no backend deployment
         log.info("ingress for %s (%s, %s): auth %s", self.info.path.name, self.args.topology,
                  ", ".join(self.info.modalities), "on" if self.api_key else "off")
+
+    # ---- the monolith's model (the same knobs, counters and health check as the Model deployment)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batch knobs from the deployment's user_config (used by the monolith's batched method)."""
+        _Replica.reconfigure(self, user_config)  # type: ignore[arg-type]
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: the monolith runs its model on a probe input."""
+        if self.runner is not None:
+            self.runner.probe()
+
+    @serve.batch(max_batch_size=BATCH.max_batch_size, batch_wait_timeout_s=BATCH.batch_wait_timeout_s)
+    async def predict_rows(self, items: list[dict[str, bytes | str]]) -> list[Any]:  # -> list[Predicted]
+        self.stats.add(len(items))
+        return await asyncio.to_thread(self.runner, items)  # the event loop keeps serving HTTP meanwhile
+
+    async def _batch_stats(self) -> list[dict[str, Any]]:
+        if self.args.topology == "monolith":
+            return [self.stats.as_dict()]
+        return await self._call(asyncio.gather(*(h.batch_stats.remote() for h in self.backends.values())))
 
     def _overloaded(self, what: str) -> RequestError:
         return RequestError(503, "server", f"overloaded ({what}); retry later",
@@ -308,8 +345,8 @@ class Ingress:
         """Labels, modalities, input limits, recorded accuracy, and each batched deployment's batch sizes."""
         cors = self._guard(request)
         check_api_key(self.api_key, request.headers.get("authorization"), request.headers.get("x-api-key"))
-        names = list(self.backends)
-        stats = await self._call(asyncio.gather(*(self.backends[n].batch_stats.remote() for n in names)))
+        names = list(self.backends) or ["model"]
+        stats = await self._batch_stats()
         cfg = self.info.cfg
         meta = Metadata(
             name=self.info.path.name, topology=self.args.topology, labels=self.info.labels,
@@ -353,8 +390,9 @@ class Ingress:
         used = check_modalities(inputs, self.info.modalities)
         request.state.modalities = used  # the request counter's modality subset
         values = inputs.values()
-        if self.args.topology == "single":
-            out = await self._call(self.model.predict.remote(values))  # type: ignore[union-attr]
+        if self.args.topology != "split":
+            out = await self._call(self.predict_rows(values) if self.runner is not None
+                                   else self.model.predict.remote(values))  # type: ignore[union-attr]
             if out.error is not None:
                 raise self._row_error(out.status, out.modality or "server", out.error)
             probs, truncated, warnings = out.probabilities, out.truncated, out.warnings

@@ -16,17 +16,18 @@ ray_serve_replica_processing_queries); deploy/grafana/mmfusion-serving.json char
 The access-log line (logger mmfusion.serving.access, logfmt) holds method, path, status, latency, modalities,
 the rejected field and the request id, never media or text content.
 
-Hooks in deployments.py: `api.middleware("http")(observe_request)`; `request.state.modalities = used` once
-the modalities are known; `request.state.reject = field` in the RequestError handler; `BatchSizes()` as the
-replicas' batch counters.
+Hooks in deployments.py: `api.add_middleware(ObserveRequests)` (pure ASGI); `request.state.modalities =
+used` once the modalities are known; `request.state.reject = field` in the RequestError handler;
+`BatchSizes()` as the replicas' batch counters.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mmfusion.serving.batching import BatchStats
 
@@ -96,10 +97,10 @@ def access_line(method: str, path: str, status: int, latency_s: float, modalitie
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
-def _request_id(request: Any) -> str | None:
-    rid = request.headers.get("x-request-id")
-    if rid:
-        return rid[:64]
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name.lower() == b"x-request-id" and value:
+            return value.decode("latin-1")[:64]
     try:  # the id Serve's proxy gave this request (and returns in the x-request-id response header)
         from ray.serve.context import _get_serve_request_context
 
@@ -108,31 +109,54 @@ def _request_id(request: Any) -> str | None:
         return None
 
 
-async def observe_request(request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
-    """FastAPI middleware of the ingress: count, time and log every request."""
-    m = metrics()
-    m.inside += 1
-    m.in_flight.set(m.inside)
-    start = time.perf_counter()
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        elapsed = time.perf_counter() - start
-        m.inside -= 1
+class ObserveRequests:
+    """Pure ASGI middleware of the ingress: count, time and log every HTTP request.
+
+    `api.add_middleware(ObserveRequests)`. It wraps `send` to see the response's status and reads what the
+    handlers left in the request's state (`request.state.modalities`, `request.state.reject`, both stored in
+    `scope["state"]`). Unlike Starlette's BaseHTTPMiddleware it adds no task, no stream and no copy of the
+    response per request. An exception that escapes the app counts as a 500 (Starlette's outermost
+    ServerErrorMiddleware turns it into the 500 answer).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        m = metrics()
+        m.inside += 1
         m.in_flight.set(m.inside)
-        route, state = route_of(request.url.path), request.state
-        mods: list[str] | None = getattr(state, "modalities", None)
-        reject: str | None = getattr(state, "reject", None)
-        m.requests.inc(tags={"route": route, "method": request.method, "status": str(status),
-                             "modalities": "+".join(mods) if mods else "none"})
-        m.latency.observe(elapsed, tags={"route": route, "status": str(status)})
-        if 400 <= status < 500:
-            m.rejected.inc(tags={"route": route, "status": str(status), "reason": reason_of(reject)})
-        access_log.info(access_line(request.method, request.url.path, status, elapsed, mods, reject,
-                                    _request_id(request)))
+        state = scope.setdefault("state", {})  # Request.state of every handler below reads and writes this
+        status = 500
+        start = time.perf_counter()
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            elapsed = time.perf_counter() - start
+            m.inside -= 1
+            m.in_flight.set(m.inside)
+            state = scope.get("state", state)
+            method, path = scope.get("method", "-"), scope.get("path", "")
+            route = route_of(path)
+            mods: list[str] | None = state.get("modalities")
+            reject: str | None = state.get("reject")
+            m.requests.inc(tags={"route": route, "method": method, "status": str(status),
+                                 "modalities": "+".join(mods) if mods else "none"})
+            m.latency.observe(elapsed, tags={"route": route, "status": str(status)})
+            if 400 <= status < 500:
+                m.rejected.inc(tags={"route": route, "status": str(status), "reason": reason_of(reject)})
+            access_log.info(access_line(method, path, status, elapsed, mods, reject,
+                                        _request_id(scope.get("headers") or [])))
 
 
 class BatchSizes(BatchStats):

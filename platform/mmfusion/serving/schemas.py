@@ -44,8 +44,9 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     artifact: str  # artifact folder (absolute, or on shared storage on a cluster) or a URI (s3://, gs://, file://)
-    # split: one deployment per encoder + fusion; single: one model
-    topology: Literal["split", "single"] = "split"
+    # split: one deployment per encoder + fusion; single: ingress -> one model deployment; monolith: the
+    # model inside the ingress replica (one deployment, one hop fewer; the ingress then needs torch)
+    topology: Literal["split", "single", "monolith"] = "split"
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024, le=1024**3)  # larger bodies get 413
     api_key: SecretStr | None = None  # clients must send it (Authorization: Bearer KEY or X-API-Key: KEY)
     api_key_env: str | None = None  # or: the name of an environment variable on the nodes that holds the key
