@@ -1,5 +1,6 @@
-"""Tracking and readable logs on a real local cluster: a 2-epoch `mmfusion train` and a 2-trial tune, read
-back with TensorBoard's EventAccumulator and MLflow's client (the file store under the storage path)."""
+"""Tracking and readable logs on a real local cluster: a 2-epoch `mmfusion train` and the session's 3-trial
+ASHA search (conftest.py::asha_tune), read back with TensorBoard's EventAccumulator and MLflow's client (the
+file store under the storage path)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-from tests.helpers import tiny_raw, write_tiny_yaml
-
-from mmfusion.config import validate_config
 
 pytestmark = pytest.mark.integration
 
@@ -39,24 +37,17 @@ def _mlflow_run(storage: Path, experiment: str, run_dir: Path):
     return client, client.get_run(run_id)
 
 
-def test_train_logs_every_epoch_to_tensorboard_and_mlflow_and_prints_no_ray_lines(ray_local, avt_tiny,
-                                                                                  tmp_path, monkeypatch):
+def test_train_logs_every_epoch_to_tensorboard_and_mlflow_and_prints_no_ray_lines(tracked_streamed_train,
+                                                                                  avt_tiny, monkeypatch):
     """`mmfusion train` as a user runs it: its own process (a fresh driver, so Ray's once-per-process lines,
-    such as core_worker's of ray#53727, would show), joined to the session's cluster."""
-    import subprocess
-    import sys
-
-    storage = tmp_path / "runs"
-    cfg_file = write_tiny_yaml(tmp_path / "tiny.yaml", avt_tiny, storage, TRACKING, "train.run_name=tracked",
-                               "train.log_every_n_steps=2")
-    address = ray_local.get_runtime_context().gcs_address
-    proc = subprocess.run([str(Path(sys.executable).parent / "mmfusion"), "train", str(cfg_file),
-                           "--address", address], capture_output=True, text=True, timeout=600)
+    such as core_worker's of ray#53727, would show), joined to the session's cluster (conftest.py's
+    tracked_streamed_train, which test_streaming_train.py reads too)."""
+    proc, storage = tracked_streamed_train.proc, tracked_streamed_train.storage
     err = proc.stderr.splitlines()
     assert proc.returncode == 0, proc.stderr[-3000:]
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as mmfusion sets it for its file store
 
-    run_dir = storage / "tracked"
+    run_dir = tracked_streamed_train.run_dir
     metrics = json.loads((run_dir / "artifact" / "metrics.json").read_text())
     reported = [k for k in metrics["history"][0] if k != "epoch"]
     acc = _events(run_dir / "tensorboard")
@@ -84,30 +75,32 @@ def test_train_logs_every_epoch_to_tensorboard_and_mlflow_and_prints_no_ray_line
     assert others == [], "\n".join(others)
 
 
-def test_each_tune_trial_logs_params_metrics_and_an_artifact(ray_local, avt_tiny, tmp_path):
+def test_each_tune_trial_logs_params_metrics_and_an_artifact(asha_tune):
+    """Every trial of the session's ASHA search (conftest.py::asha_tune, tracking on): the good one ran all
+    3 epochs, the stopped ones fewer; each logs every epoch it trained, once."""
     from mlflow.tracking import MlflowClient
 
-    from mmfusion.tune.runner import run_tune
-
-    storage = tmp_path / "runs"
-    raw = tiny_raw(avt_tiny, storage, "train.num_workers=1", "train.epochs=1", TRACKING)  # 1 epoch: fast
-    raw["tune"] = {"space": {"optim.lr": {"grid": [3e-3, 1e-3]}}, "scheduler": "none", "num_samples": 1,
-                   "max_concurrent_trials": 1, "name": "t2"}
-    run = run_tune(validate_config(raw))
-    assert len(run.rows) == 2
+    run, storage = asha_tune.run, asha_tune.storage
+    assert len(run.rows) == 3
+    epochs = {str(r["trial_id"]): int(r["epochs"]) for r in run.rows}
+    assert max(epochs.values()) == 3 and min(epochs.values()) < 3  # a full trial and a stopped one
     client = MlflowClient(f"file:{storage / 'mlruns'}")
-    exp = client.get_experiment_by_name("t2")
+    exp = client.get_experiment_by_name(run.name)
     runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 2
-    assert {r.data.params["optim.lr"] for r in runs} == {"0.003", "0.001"}
+    assert len(runs) == 3
+    assert {r.data.params["optim.lr"] for r in runs} == {"0.003", "1e-07"}
     for r in runs:
         assert r.info.status == "FINISHED"
-        assert len(client.get_metric_history(r.info.run_id, "val_loss")) == 1
         assert client.list_artifacts(r.info.run_id), r.info.run_name  # artifact/ (best) or checkpoint/
         trial_dir = Path(r.data.tags["mmfusion.run_path"])
-        assert trial_dir.parent == storage / "t2" / "train"
+        assert trial_dir.parent == storage / run.name / "train"
+        ran = epochs[trial_dir.name.removeprefix("trial-")]
         acc = _events(trial_dir / "tensorboard")
-        assert [e.step for e in acc.Scalars("val_accuracy")] == [0]
+        # once per epoch the trial trained: a stopped trial's worker may finish one more epoch than the one
+        # ASHA judged before the stop reaches it, so its logs can run past Tune's count, never under it
+        for steps in (sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_loss")),
+                      [e.step for e in acc.Scalars("val_accuracy")]):
+            assert steps == list(range(len(steps))) and ran <= len(steps) <= 3, (ran, steps)
         assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
     best = [r for r in runs if r.data.tags["mmfusion.run_path"].endswith(f"trial-{run.best_id}")]
     names = {a.path for a in client.list_artifacts(best[0].info.run_id, "artifact")}

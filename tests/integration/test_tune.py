@@ -1,35 +1,20 @@
-"""Ray Tune on a real local cluster: a 3-trial ASHA search, one TorchTrainer per trial."""
+"""Ray Tune on a real local cluster: a 3-trial ASHA search, one TorchTrainer per trial (the session's shared
+search, tests/integration/conftest.py::asha_tune; test_tracking_runs.py reads its trials' tracking)."""
 
 from __future__ import annotations
 
 import csv
 
 import pytest
-from tests.helpers import tiny_raw
 
 from mmfusion.artifact import load_artifact
-from mmfusion.config import validate_config
 from mmfusion.evaluate.report import evaluate_artifact
 
 pytestmark = pytest.mark.integration
 
-# a good learning rate first, then two that cannot learn: ASHA must stop those at the first rung
-SPACE = {"optim.lr": {"grid": [3e-3, 1e-7, 1e-7]}}
 
-
-def tune_raw(data, storage, **tune):
-    raw = tiny_raw(data, storage, "train.epochs=3", "train.num_workers=1")
-    # val_loss separates the trials from the first epoch on (accuracy can tie on tiny data)
-    raw["tune"] = {"space": SPACE, "scheduler": "asha", "num_samples": 1, "max_concurrent_trials": 1,
-                   "metric": "val_loss", "mode": "min", **tune}
-    return raw
-
-
-def test_asha_search_stops_bad_trials_and_exports_the_best(ray_local, avt_tiny, tmp_path):
-    from mmfusion.tune.runner import run_tune
-
-    raw = tune_raw(avt_tiny, tmp_path / "runs", name="t3")
-    run = run_tune(validate_config(raw))
+def test_asha_search_stops_bad_trials_and_exports_the_best(asha_tune, avt_tiny):
+    run = asha_tune.run
     with run.csv.open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3
