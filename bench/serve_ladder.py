@@ -1,8 +1,9 @@
-"""The serving ladder (issue 15): the in-process floor, the load generator's own ceiling, then the single and
-the split topology over HTTP at several concurrencies, with dynamic batching on and off, all in one run.
+"""The serving ladder (issue 15): the in-process floor, the load generator's own ceiling, then the monolith,
+single and split topologies over HTTP at several concurrencies, with dynamic batching on (as configured, and
+with batch_wait_timeout_s 0) and off, under Serve's default and "fast" runtime settings, all in one run.
 
     .venv/bin/python bench/serve_ladder.py [--artifact artifacts/avt_digits] [--data data/avt_digits]
-        [--config serve/local.yaml] [--requests 400] [--concurrency 1 4 16]
+        [--config serve/local.yaml] [--requests 200] [--concurrency 1 4 16]
         [--out bench/results/serve_ladder.json]
 
 Rungs, measured side by side on the same machine:
@@ -11,9 +12,13 @@ Rungs, measured side by side on the same machine:
   Model replica gets; also at batch 1, whose ratio to the batched floor bounds what batching can give;
 - client ceiling: the same async client (aiohttp, pre-encoded multipart bodies) against a no-op aiohttp app
   in a separate process on 127.0.0.1: if the server rungs come near it, the client is the cap;
-- single and split topologies, deployed from the Serve config as `mmfusion serve` deploys it (prepare_config),
-  at each concurrency, batching on (the config's user_config) and off (max_batch_size 1 everywhere, applied by
-  a user_config update, no restart). Each cell reports throughput, p50/p99 latency and the mean batch size
+- Serve no-ops: a no-op ingress (proxy -> replica) and a no-op ingress -> no-op backend (proxy -> replica ->
+  replica): Serve's own ceiling for one and two hops, without model work;
+- monolith (proxy -> one replica with the model), single (proxy -> Ingress -> Model) and split topologies,
+  each deployed alone from the Serve config as `mmfusion serve` deploys it (prepare_config), at each
+  concurrency, batching "on" (the config's user_config), "wait0" (the same max_batch_size,
+  batch_wait_timeout_s 0: a batch takes what is queued, never waits) and "off" (max_batch_size 1); the modes
+  are user_config updates (no restart). Each cell reports throughput, p50/p99 latency and the mean batch size
   the replicas formed during it; ratios are against the floor at the same concurrency.
 Writes JSON and a PNG (throughput against concurrency). A benchmark: nothing here asserts timings.
 """
@@ -37,7 +42,8 @@ from typing import Any
 from mmfusion.cli import setup_logging
 
 log = logging.getLogger("bench")
-TOPOLOGIES = ("single", "split")
+TOPOLOGIES = ("monolith", "single", "split")
+BATCH_MODES = ("on", "wait0", "off")
 # Ray Serve's own runtime switches (read from the environment by every Ray process at start): "default" is
 # Serve as shipped; "fast" keeps user code and the router on each process's event loop (no thread hop per
 # request), passes handle results over gRPC instead of the object store, and keeps Serve's logs in files
@@ -46,7 +52,8 @@ SERVE_ENV: dict[str, dict[str, str]] = {
     "fast": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
              "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_LOG_TO_STDERR": "0"},
 }
-BATCHED = {"single": ["Model"], "split": ["ImageEncoder", "TextEncoder", "AudioEncoder", "Fusion"]}
+BATCHED = {"monolith": ["Monolith"], "single": ["Model"],
+           "split": ["ImageEncoder", "TextEncoder", "AudioEncoder", "Fusion"]}
 
 
 def _free_port() -> int:
@@ -190,14 +197,17 @@ def _floor(artifact: str, items: list[dict[str, Any]], batch_sizes: list[int], t
 # ------------------------------------------------------------------------------------------- the server
 
 
-def _serve_config(config: str, artifact: str, port: int, batching: bool) -> dict[str, Any]:
-    """Both topologies as two applications of one Serve config (each fitted as `mmfusion serve` fits it);
-    batching off: max_batch_size 1 on every batched deployment."""
+def _serve_config(config: str, artifact: str, port: int, batching: str = "on",
+                  topologies: tuple[str, ...] = TOPOLOGIES) -> dict[str, Any]:
+    """The topologies as applications of one Serve config (each fitted as `mmfusion serve` fits it; the
+    benchmark deploys one at a time: their CPU reservations are each sized for the whole machine).
+    batching "wait0": batch_wait_timeout_s 0 on every batched deployment; "off": max_batch_size 1 too."""
+    from mmfusion.serving.batching import BatchConfig
     from mmfusion.serving.config import check_serve_config, load_serve_config, prepare_config
 
     base = load_serve_config(config)
     apps = []
-    for topo in TOPOLOGIES:
+    for topo in topologies:
         app = prepare_config(base, artifact, topology=topo)["applications"][0]
         app.update(name=topo, route_prefix=f"/{topo}")
         have = {d["name"]: d for d in app["deployments"]}
@@ -206,7 +216,10 @@ def _serve_config(config: str, artifact: str, port: int, batching: bool) -> dict
             if dep is None:
                 dep = {"name": name}
                 app["deployments"].append(dep)
-            if not batching:
+            knobs = BatchConfig.model_validate(dep.get("user_config") or {})
+            if batching == "wait0":
+                dep["user_config"] = {"max_batch_size": knobs.max_batch_size, "batch_wait_timeout_s": 0.0}
+            elif batching == "off":
                 dep["user_config"] = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
         apps.append(app)
     raw = copy.deepcopy(base)
@@ -228,14 +241,14 @@ def _metadata(url: str) -> dict[str, Any]:
 def _model_batch_size(config: str, artifact: str) -> int:
     from mmfusion.serving.batching import BatchConfig
 
-    cfg = _serve_config(config, artifact, 8000, batching=True)
+    cfg = _serve_config(config, artifact, 8000)
     single = next(a for a in cfg["applications"] if a["name"] == "single")
     model = next(d for d in single["deployments"] if d["name"] == "Model")
     return BatchConfig.model_validate(model.get("user_config") or {}).max_batch_size
 
 
 def _model_threads(config: str, artifact: str) -> int:
-    cfg = _serve_config(config, artifact, 8000, batching=True)
+    cfg = _serve_config(config, artifact, 8000)
     return int(cfg["applications"][0]["args"].get("torch_threads") or (os.cpu_count() or 1))
 
 
@@ -269,8 +282,9 @@ def _noop_apps() -> dict[str, Any]:
 
 def _serve_rungs(args: argparse.Namespace, profile: str, bodies: list[tuple[bytes, str]],
                  floor: dict[str, Any]) -> dict[str, Any]:
-    """Both topologies x batching on/off x concurrency on a fresh embedded cluster started with the Serve
-    environment `profile` (SERVE_ENV), which every Ray process inherits."""
+    """The topologies x batch modes x concurrency on a fresh embedded cluster started with the Serve
+    environment `profile` (SERVE_ENV), which every Ray process inherits. Each topology runs alone (a config
+    deploy replaces the previous topology's application)."""
     import ray
     from ray import serve
 
@@ -280,24 +294,24 @@ def _serve_rungs(args: argparse.Namespace, profile: str, bodies: list[tuple[byte
     saved = {k: os.environ.get(k) for k in SERVE_ENV[profile]}
     os.environ.update(SERVE_ENV[profile])
     port = _free_port()
-    cells: dict[str, Any] = {t: {"on": {}, "off": {}} for t in TOPOLOGIES}
+    cells: dict[str, Any] = {t: {b: {} for b in BATCH_MODES} for t in TOPOLOGIES}
     noop: dict[str, Any] = {}
     cells["serve_noop"] = noop
     init_ray()
     try:
-        deploy_config(_serve_config(args.config, args.artifact, port, True))
+        deploy_config(_serve_config(args.config, args.artifact, port, topologies=TOPOLOGIES[:1]))
         for name, app in _noop_apps().items():  # imperative apps: later config deploys leave them alone
             serve.run(app, name=name, route_prefix=f"/{name}")
             noop[name] = {str(c): asyncio.run(_load(f"http://127.0.0.1:{port}/{name}", bodies, args.requests,
                                                     c, warmup=2 * c)) for c in args.concurrency}
             serve.delete(name)
             log.info("[%s] Serve %s: %s req/s", profile, name, {c: r["rps"] for c, r in noop[name].items()})
-        for batching in ("on", "off"):
-            if batching == "off":
-                deploy_config(_serve_config(args.config, args.artifact, port, False))
-            for topo in TOPOLOGIES:
+        for topo in TOPOLOGIES:
+            for batching in BATCH_MODES:
+                deploy_config(_serve_config(args.config, args.artifact, port, batching, (topo,)))
                 url = f"http://127.0.0.1:{port}/{topo}"
-                asyncio.run(_load(f"{url}/v1/predict", bodies, 32, 8, warmup=0))  # lazy initialisation
+                if batching == BATCH_MODES[0]:  # lazy initialisation of a freshly deployed topology
+                    asyncio.run(_load(f"{url}/v1/predict", bodies, 32, 8, warmup=0))
                 for c in args.concurrency:
                     b0, r0 = _batch_rows(_metadata(url))
                     cell = asyncio.run(_load(f"{url}/v1/predict", bodies, args.requests, c, warmup=2 * c))
@@ -332,10 +346,10 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(envs), figsize=(6.5 * len(envs), 4.5), sharey=True, squeeze=False)
     for ax, env in zip(axes[0], envs, strict=True):
         cells = result["cells_by_env"][env]
-        for topo in TOPOLOGIES:
-            for batching, style in (("on", "-o"), ("off", "--s")):
+        for topo, color in zip(TOPOLOGIES, ("tab:green", "tab:blue", "tab:orange"), strict=True):
+            for batching, style in zip(BATCH_MODES, ("-o", ":^", "--s"), strict=True):
                 ys = [cells[topo][batching][str(c)]["rps"] for c in conc]
-                ax.plot(conc, ys, style, label=f"{topo}, batching {batching}")
+                ax.plot(conc, ys, style, color=color, label=f"{topo}, batching {batching}")
         ax.plot(conc, [result["floor"]["rps"][str(c)] for c in conc], "k-", lw=2, label="in-process floor")
         ax.plot(conc, [result["client_ceiling"][str(c)]["rps"] for c in conc], ":", color="gray",
                 label="client vs no-op server")
@@ -362,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/avt_digits")
     p.add_argument("--split", default="test")
     p.add_argument("--config", default="serve/local.yaml")
-    p.add_argument("--requests", type=int, default=400, help="measured requests per cell")
+    p.add_argument("--requests", type=int, default=200, help="measured requests per cell")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--serve-env", nargs="+", choices=sorted(SERVE_ENV), default=["default", "fast"],
                    help="Ray Serve runtime settings to measure the server rungs under, each on a fresh "
@@ -413,27 +427,43 @@ def main(argv: list[str] | None = None) -> int:
 
 def _summary(cells: dict[str, Any], floor: dict[str, Any], floor_bs: dict[str, float],
              ceiling: dict[str, Any], top: str) -> dict[str, Any]:
+    """Ratios at the highest concurrency ("on": batching as configured)."""
+    def rps(topo: str, mode: str = "on") -> float:
+        return cells[topo][mode][top]["rps"]
+
+    noop = cells["serve_noop"]
     return {
-        "single_over_floor_at_max_concurrency": cells["single"]["on"][top]["over_floor"],
-        "split_over_floor_at_max_concurrency": cells["split"]["on"][top]["over_floor"],
+        **{f"{t}_over_floor_at_max_concurrency": cells[t]["on"][top]["over_floor"] for t in TOPOLOGIES},
+        "best_mode_over_floor_at_max_concurrency": {
+            t: dict(zip(("over_floor", "batching"),
+                        max((cells[t][b][top]["over_floor"], b) for b in BATCH_MODES), strict=True))
+            for t in TOPOLOGIES},
         "batching_on_over_off_at_max_concurrency": {
-            t: round(cells[t]["on"][top]["rps"] / cells[t]["off"][top]["rps"], 2) for t in TOPOLOGIES},
+            t: round(rps(t) / rps(t, "off"), 2) for t in TOPOLOGIES},
+        "batching_wait0_over_off_at_max_concurrency": {
+            t: round(rps(t, "wait0") / rps(t, "off"), 2) for t in TOPOLOGIES},
+        "batching_wait0_over_on_at_max_concurrency": {
+            t: round(rps(t, "wait0") / rps(t), 2) for t in TOPOLOGIES},
+        "mean_batch_at_max_concurrency": {
+            t: {b: cells[t][b][top]["mean_batch"] for b in BATCH_MODES} for t in TOPOLOGIES},
         "floor_batched_over_batch1": round(floor["rps"][top] / floor_bs["1"], 2),
-        "split_over_single_at_max_concurrency": round(
-            cells["split"]["on"][top]["rps"] / cells["single"]["on"][top]["rps"], 3),
+        "monolith_over_single_at_max_concurrency": round(rps("monolith") / rps("single"), 3),
+        "split_over_single_at_max_concurrency": round(rps("split") / rps("single"), 3),
+        "split_over_monolith_at_max_concurrency": round(rps("split") / rps("monolith"), 3),
+        "monolith_over_serve_noop_at_max_concurrency": round(rps("monolith") / noop["noop"][top]["rps"], 3),
         "single_over_serve_noop_hop_at_max_concurrency": round(
-            cells["single"]["on"][top]["rps"] / cells["serve_noop"]["noop_hop"][top]["rps"], 3),
+            rps("single") / noop["noop_hop"][top]["rps"], 3),
+        "serve_noop_over_floor_at_max_concurrency": round(noop["noop"][top]["rps"] / floor["rps"][top], 3),
         "serve_noop_hop_over_floor_at_max_concurrency": round(
-            cells["serve_noop"]["noop_hop"][top]["rps"] / floor["rps"][top], 3),
-        "server_over_client_ceiling_at_max_concurrency": round(
-            cells["single"]["on"][top]["rps"] / ceiling[top]["rps"], 3),
+            noop["noop_hop"][top]["rps"] / floor["rps"][top], 3),
+        "server_over_client_ceiling_at_max_concurrency": round(rps("monolith") / ceiling[top]["rps"], 3),
     }
 
 
 def _table(cells: dict[str, Any], floor: dict[str, Any], ceiling: dict[str, Any], conc: list[int],
            profile: str) -> str:
-    lines = [f"Serve env {profile}:",
-             "| rung | batching | " + " | ".join(f"c={c} req/s (p50/p99 ms, x floor)" for c in conc) + " |",
+    head = " | ".join(f"c={c} req/s (p50/p99 ms, x floor, b)" for c in conc)
+    lines = [f"Serve env {profile}:", f"| rung | batching | {head} |",
              "|---|---|" + "---|" * len(conc)]
     lines.append("| in-process floor | batch min(c, max) | " + " | ".join(
         f"{floor['rps'][str(c)]:.0f}" for c in conc) + " |")
@@ -444,11 +474,11 @@ def _table(cells: dict[str, Any], floor: dict[str, Any], ceiling: dict[str, Any]
             f"{row[str(c)]['rps']:.0f} ({row[str(c)]['p50_ms']:.0f}/{row[str(c)]['p99_ms']:.0f})"
             for c in conc) + " |")
     for topo in TOPOLOGIES:
-        for batching in ("on", "off"):
+        for batching in BATCH_MODES:
             row = cells[topo][batching]
             lines.append(f"| {topo} | {batching} | " + " | ".join(
                 f"{row[str(c)]['rps']:.0f} ({row[str(c)]['p50_ms']:.0f}/{row[str(c)]['p99_ms']:.0f}, "
-                f"{row[str(c)]['over_floor']:.2f})" for c in conc) + " |")
+                f"{row[str(c)]['over_floor']:.2f}x, b {row[str(c)]['mean_batch']:.1f})" for c in conc) + " |")
     return "\n".join(lines)
 
 
