@@ -211,3 +211,24 @@ def test_log_every_n_steps_is_validated_and_kept_out_of_the_run_name(data_dir):
     a, b = (validate_config({"data": {"path": str(data_dir)}, "train": {"log_every_n_steps": n}})
             for n in (0, 7))
     assert default_run_name(a) == default_run_name(b)  # how often to log, not what to train: same run
+
+
+def test_run_and_tune_names_follow_what_is_trained_not_keys_left_at_their_defaults(data_dir):
+    """A key set to its default (as a key a later mmfusion adds with a default would be) or a key saying where
+    to store renames neither the run nor the Tune experiment, so the same command resumes them; a changed
+    value does."""
+    from mmfusion.train.trainer import default_run_name
+    from mmfusion.tune.runner import experiment_name
+
+    def cfg(train: dict, optim: dict | None = None):
+        return validate_config({"data": {"path": str(data_dir)}, "train": train, "optim": optim or {},
+                                "tune": {"space": {"optim.lr": {"choice": [0.1, 0.01]}}}})
+
+    plain = cfg({})
+    explicit = cfg({"epochs": plain.train.epochs, "log_every_n_steps": plain.train.log_every_n_steps})
+    stored = cfg({"storage_path": "/elsewhere", "tracking": ["tensorboard"]})
+    other = cfg({}, {"lr": 0.123})
+    assert default_run_name(plain) == default_run_name(explicit) == default_run_name(stored)
+    assert experiment_name(plain) == experiment_name(explicit) == experiment_name(stored)
+    assert default_run_name(other) != default_run_name(plain)
+    assert experiment_name(other) != experiment_name(plain)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from mmfusion.config import ExperimentConfig
 from mmfusion.errors import MmfusionError
 
 log = logging.getLogger(__name__)
+LOCAL_SHARD_MEMORY_SHARE = 0.2  # of the machine's RAM: the most workers' copies of materialized splits use
 
 
 @dataclass
@@ -30,14 +32,26 @@ class TrainRun:
     location: str = ""  # where the artifact lives: a local path or an s3:// / gs:// URI
 
 
+# train keys that say how and where to run, not what to train: they never rename a run
+HOW_TO_RUN = ("max_failures", "artifact_dir", "run_name", "storage_path", "tracking", "mlflow_uri",
+              "log_every_n_steps", "embedding_cache_keep")
+
+
+def config_digest(cfg: ExperimentConfig) -> str:
+    """8 hex digits for what a config trains: the values that differ from their defaults, less HOW_TO_RUN and
+    data.cache. A key set to its default, or a key a later mmfusion adds with a default, leaves it unchanged,
+    so the same command resumes the same run (or Tune experiment) across upgrades."""
+    identity = cfg.model_dump(mode="json", exclude_defaults=True)
+    for k in HOW_TO_RUN:
+        identity.get("train", {}).pop(k, None)
+    identity.get("data", {}).pop("cache", None)
+    identity = {k: v for k, v in identity.items() if v != {}}  # a section left with nothing to say
+    return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def default_run_name(cfg: ExperimentConfig) -> str:
     """Stable for the same resolved config, so re-running the same command resumes the same run."""
-    identity = cfg.model_dump(mode="json")
-    for k in ("max_failures", "artifact_dir", "run_name", "storage_path", "tracking", "mlflow_uri",
-              "log_every_n_steps", "embedding_cache_keep"):
-        identity["train"].pop(k, None)  # how and where to run, not what to train
-    identity["data"].pop("cache", None)
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    digest = config_digest(cfg)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(cfg.data.path.rstrip("/")).stem) or "data"
     mods = "".join(m[0] for m in cfg.data.modalities)  # e.g. "ita"
     return f"{stem}-{mods}-{cfg.model.fusion.name}-{digest}"
@@ -122,6 +136,8 @@ def build_trainer(cfg: ExperimentConfig, datasets: dict[str, Any], info: dict[st
         embedded: an embedded local cluster never grows, so workers that cannot be placed fail the run
             (controller_failure_limit=1) instead of waiting forever; a joined cluster may autoscale.
         callbacks: Ray Train callbacks (a Tune trial adds TuneReportCallback).
+    Materialized splits stay in the workers' memory after the first epoch (keep_local_shards), unless `info`
+    sets "local_shards" itself (bench/train_overhead.py measures both).
     Frozen encoders (train.embedding_cache): the datasets are replaced by their cached embeddings, unless
     `info` says they already are (run_training), so every Tune trial shares the cache too.
     """
@@ -140,7 +156,7 @@ def build_trainer(cfg: ExperimentConfig, datasets: dict[str, Any], info: dict[st
                  experiment["train"]["num_threads"])
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": experiment, **info},
+        train_loop_config={"experiment": experiment, "local_shards": keep_local_shards(datasets), **info},
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu,
             resources_per_worker={"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})),
@@ -172,6 +188,21 @@ def worker_threads(num_workers: int, cpus_per_worker: float, embedded: bool, dat
     return max(own, int(usable_cpus(local=True)) // num_workers)
 
 
+def keep_local_shards(datasets: dict[str, Any]) -> bool:
+    """Whether the workers keep their shards of the splits in their own memory after the first epoch
+    (data/local_shard.py): only for materialized splits (nothing to re-read), and only when all of them
+    together fit LOCAL_SHARD_MEMORY_SHARE of this machine's memory (the copies add to the object store's)."""
+    if _streams(datasets):
+        return False
+    size = sum(d.size_bytes() for d in datasets.values() if d is not None)
+    budget = LOCAL_SHARD_MEMORY_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    keep = size <= budget
+    log.info("materialized splits (%.0f MiB): %s", size / 2**20,
+             "each worker keeps its shard in memory after the first epoch" if keep else
+             f"streamed from the object store every epoch (over {budget / 2**30:.1f} GiB to copy to workers)")
+    return keep
+
+
 def _streams(datasets: dict[str, Any]) -> bool:
     """Whether reading the datasets runs Ray Data work during training (anything not materialized)."""
     from ray.data.dataset import MaterializedDataset
@@ -197,8 +228,13 @@ def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, stora
         state = load_loop_state(Path(d))  # the latest holds the full history
     with best.as_directory() as d:
         weights = load_model_state(Path(d))
-    metrics = {"run_name": name, "best_epoch": state.best_epoch,
-               f"best_{cfg.train.metric}": state.best_metric,
+        # the epoch whose weights the artifact holds: on a tie Ray's top-k may have pruned the loop's best
+        # (the first of the tied epochs) and kept a later one, so the loop state's best_epoch could name
+        # weights that are not there
+        kept = load_loop_state(Path(d)).epoch
+    best_value = next((h.get(cfg.train.metric) for h in state.history if h.get("epoch") == kept),
+                      state.best_metric)
+    metrics = {"run_name": name, "best_epoch": kept, f"best_{cfg.train.metric}": best_value,
                "epochs_run": state.epoch + 1, "starts": state.starts, "stopped_early": state.stopped_early,
                "history": state.history, "train_rows": bundle.train_rows, "val_rows": bundle.val_rows,
                "rejected_rows": bundle.num_rejected,
@@ -215,13 +251,17 @@ def export_run(result: Any, cfg: ExperimentConfig, bundle: Any, name: str, stora
     metrics["evaluation"] = {"val": val.report}
     where = publish(out, location)
     log.info("artifact written to %s (best %s %.4f at epoch %d)", where, cfg.train.metric,
-             state.best_metric or float("nan"), state.best_epoch + 1)
+             best_value if best_value is not None else float("nan"), kept + 1)
     return TrainRun(name, Path(storage) / name, Path(where) if not is_remote(where) else out, metrics,
                     location=where)
 
 
 def _best_checkpoint(result: Any, metric: str, mode: str) -> Any:
-    scored = [(m.get(metric), c) for c, m in (result.best_checkpoints or []) if m.get(metric) is not None]
+    """The kept checkpoint with the best `metric`; among equal values the earliest epoch (the loop's rule:
+    only a strict improvement moves the best)."""
+    scored = [(m[metric], m.get("epoch", 0), c) for c, m in (result.best_checkpoints or [])
+              if m.get(metric) is not None]
     if not scored:
         return None
-    return (max if mode == "max" else min)(scored, key=lambda t: t[0])[1]
+    sign = -1 if mode == "max" else 1
+    return min(scored, key=lambda t: (sign * t[0], t[1]))[2]

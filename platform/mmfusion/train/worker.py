@@ -77,7 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    from mmfusion.data.pipeline import iter_torch_batches
+    from mmfusion.data.local_shard import LocalShard, shard_batches
     from mmfusion.models.model import build_model
     from mmfusion.train.embedding_cache import cached_model
 
@@ -139,17 +139,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     train_shard = ray.train.get_dataset_shard("train")  # [ray]
     first_step_at: float | None = None  # wall clock of this start's first training step (start-up benches)
     val_shard = ray.train.get_dataset_shard("val")  # [ray]
+    # materialized splits that fit (trainer.keep_local_shards): epochs after this start's first read the
+    # rank's own copy instead of streaming the object store through Ray Data again
+    local = bool(config.get("local_shards"))
+    train_local = LocalShard(train_shard, batch_spec, device) if local else None
+    val_local = LocalShard(val_shard, batch_spec, device) if local else None
     for epoch in range(start, tc.epochs):
         if state.stopped_early:
             break
         # spec: the collate step normalizes the uint8 images with its image_mean/std
-        batches = iter_torch_batches(train_shard, tc.batch_size, batch_spec, shuffle_seed=cfg.seed + epoch,
-                                     pin_memory=device.type == "cuda")  # batches arrive on `device`
+        batches = shard_batches(train_shard, train_local, tc.batch_size, batch_spec, cfg.seed + epoch, device)
         tr = train_one_epoch(model, batches, optimizer, scheduler, device, tc.precision, oc.grad_clip,
                              epoch=epoch, class_weight=weight, label_smoothing=oc.label_smoothing,
                              num_classes=len(labels), scaler=scaler, on_step=on_step if every else None)
-        va = evaluate(model, iter_torch_batches(val_shard, tc.batch_size, batch_spec), device, tc.precision,
-                      num_classes=len(labels))
+        val_batches = shard_batches(val_shard, val_local, tc.batch_size, batch_spec, None, device)
+        va = evaluate(model, val_batches, device, tc.precision, num_classes=len(labels))
         metrics = {"epoch": epoch, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
                    "val_accuracy": va.accuracy, "val_macro_f1": va.macro_f1,
                    "val_balanced_accuracy": va.balanced_accuracy,

@@ -10,8 +10,6 @@ continue from their last checkpoint.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 from mmfusion.config import ExperimentConfig
 from mmfusion.errors import ConfigError, MmfusionError
 from mmfusion.storage import is_remote, publish_file, staging_dir
+from mmfusion.train.trainer import config_digest
 from mmfusion.tune.space import to_ray, trial_config, validate_space
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,7 @@ def experiment_name(cfg: ExperimentConfig) -> str:
     assert cfg.tune is not None
     if cfg.tune.name:
         return cfg.tune.name
-    digest = hashlib.sha1(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
-    return f"tune-{Path(cfg.data.path.rstrip('/')).stem}-{digest}"
+    return f"tune-{Path(cfg.data.path.rstrip('/')).stem}-{config_digest(cfg)}"
 
 
 def trial_fn(config: dict[str, Any], base: dict[str, Any], datasets: dict[str, Any],
