@@ -11,7 +11,10 @@ train.npz, exactly as the object store holds it (uint8 images, token ids, log-me
 so that neither side decodes anything while it is timed. Then, round after round, in alternating order:
 - ray: `mmfusion`'s own `build_trainer(...).fit()` (Ray Train V2, --workers gloo CPU ranks, 1 CPU and
   --threads torch threads each, batch 64 per worker, the val split evaluated and a checkpoint written each
-  epoch as in `mmfusion train`);
+  epoch as in `mmfusion train`); the materialized splits fit, so each worker keeps its shard in its own
+  memory after the first epoch (data/local_shard.py);
+- ray_stream: the same, but with Ray Data streaming each worker's shard from the object store every epoch
+  (the local copy off): what the copy buys;
 - torchrun: bench/torchrun_ddp.py under `.venv/bin/torchrun --standalone --nproc_per_node WORKERS` with
   OMP_NUM_THREADS and torch threads = --threads, reading train.npz: the same model (built from the same config
   after the same seed), optimizer groups, schedule, loss, gradient clipping and collate (MMCollate) on the
@@ -42,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SIDES = ("ray", "torchrun")
+SIDES = ("ray", "torchrun", "ray_stream")  # ray_stream: Ray Data every epoch (no worker-local shard copy)
 log = logging.getLogger("bench.train_overhead")
 
 
@@ -92,8 +95,9 @@ def main() -> None:
         log.info("dumped %d train rows (%s) to %s", rows, ", ".join(np.load(dump / "train.npz").files), dump)
         for r in range(args.rounds):
             for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
-                if side == "ray":
-                    run = run_ray(cfg, build_trainer, {"train": train, "val": val}, info, dump, r)
+                if side.startswith("ray"):
+                    run = run_ray(cfg, build_trainer, {"train": train, "val": val},
+                                  {**info, "local_shards": side == "ray"}, dump, side, r)
                 else:
                     run = run_torchrun(dump, args.epochs, args.workers, args.threads, niceness)
                 run["round"] = r
@@ -123,6 +127,9 @@ def main() -> None:
         "median_samples_per_s": med,
         "ratio_ray_to_torchrun": med["ray"] / med["torchrun"],
         "ratio_per_round": per_round,
+        # what the worker-local shard copy (data/local_shard.py) buys over Ray Data every epoch
+        "ratio_ray_stream_to_torchrun": med["ray_stream"] / med["torchrun"],
+        "ratio_ray_to_ray_stream": med["ray"] / med["ray_stream"],
         "startup_s": {"ray_cluster_start": cluster_start_s, "ray_fit_to_first_step": startup["ray"],
                       "ray_total": cluster_start_s + startup["ray"],
                       "torchrun_launch_to_first_step": startup["torchrun"]},
@@ -135,6 +142,7 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| Ray Train ({args.workers} x {args.threads}) | {med['ray']:.0f} | {startup['ray']:.1f} "
           f"(+ {cluster_start_s:.1f} cluster start) |")
+    print(f"| Ray Train, Ray Data every epoch | {med['ray_stream']:.0f} | {startup['ray_stream']:.1f} |")
     print(f"| torchrun DDP ({args.workers} x {args.threads}) | {med['torchrun']:.0f} | "
           f"{startup['torchrun']:.1f} |")
     print(f"ray / torchrun: {out['ratio_ray_to_torchrun']:.3f} "
@@ -155,10 +163,12 @@ def dump_rows(ds, path: Path) -> int:  # noqa: ANN001
     return len(arrays["label"])
 
 
-def run_ray(cfg, build_trainer, datasets: dict, info: dict, storage: Path, r: int) -> dict:  # noqa: ANN001
+def run_ray(cfg, build_trainer, datasets: dict, info: dict, storage: Path, side: str,  # noqa: ANN001
+            r: int) -> dict:
     run = cfg.model_copy(deep=True)
     t0, started = time.perf_counter(), time.time()
-    trainer = build_trainer(run, datasets, info, f"overhead-{r}", str(storage / "ray_runs"), embedded=True)
+    trainer = build_trainer(run, datasets, info, f"overhead-{side}-{r}", str(storage / "ray_runs"),
+                            embedded=True)
     result = trainer.fit()
     wall = time.perf_counter() - t0
     history = _history(result)
