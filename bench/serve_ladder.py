@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from mmfusion.cli import setup_logging
+from mmfusion.serving.server import FAST_SERVE_ENV
 
 log = logging.getLogger("bench")
 TOPOLOGIES = ("monolith", "single", "split")
@@ -47,11 +48,8 @@ BATCH_MODES = ("on", "wait0", "off")
 # Ray Serve's own runtime switches (read from the environment by every Ray process at start): "default" is
 # Serve as shipped; "fast" keeps user code and the router on each process's event loop (no thread hop per
 # request), passes handle results over gRPC instead of the object store, and keeps Serve's logs in files
-SERVE_ENV: dict[str, dict[str, str]] = {
-    "default": {},
-    "fast": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-             "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_LOG_TO_STDERR": "0"},
-}
+# (`mmfusion serve`'s default since this benchmark: mmfusion.serving.server.FAST_SERVE_ENV)
+SERVE_ENV: dict[str, dict[str, str]] = {"default": {}, "fast": dict(FAST_SERVE_ENV)}
 BATCHED = {"monolith": ["Monolith"], "single": ["Model"],
            "split": ["ImageEncoder", "TextEncoder", "AudioEncoder", "Fusion"]}
 
