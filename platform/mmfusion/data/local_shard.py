@@ -15,7 +15,8 @@ shuffle) always reads through Ray Data.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -90,3 +91,37 @@ def shard_batches(shard: Any, local: LocalShard | None, batch_size: int, spec: I
         return local.batches(batch_size, shuffle_seed)
     return iter_torch_batches(shard, batch_size, spec, shuffle_seed=shuffle_seed,
                               pin_memory=device.type == "cuda")  # batches arrive on `device`
+
+
+class NextEpoch:
+    """A streamed epoch started ahead: a thread opens its batch stream and waits for the first batch while the
+    loop evaluates and checkpoints the epoch before, so the stream's start-up (read tasks, a fresh
+    preprocessing actor pool: seconds per epoch with data.cache none) overlaps them instead of the training
+    steps. Every rank starts the same epoch at the same point, so Ray's split barrier lines up.
+
+    `batches()` hands the epoch over; its first next() waits for the thread (the loop counts that wait as
+    data wait, as it would count a stream started then)."""
+
+    _END = object()
+
+    def __init__(self, start: Callable[[], Iterator[dict[str, torch.Tensor]]]) -> None:
+        self._start = start
+        self._out: tuple[Iterator | None, Any, BaseException | None] = (None, self._END, None)
+        self._thread = threading.Thread(target=self._run, name="mmfusion-next-epoch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            it = self._start()
+            self._out = (it, next(it, self._END), None)
+        except BaseException as e:  # raised in the training thread, where the epoch is consumed
+            self._out = (None, self._END, e)
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._thread.join()
+        it, first, err = self._out
+        if err is not None:
+            raise err
+        if first is not self._END:
+            yield first
+            yield from it  # type: ignore[misc]

@@ -77,7 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    from mmfusion.data.local_shard import LocalShard, shard_batches
+    from mmfusion.data.local_shard import LocalShard, NextEpoch, shard_batches
     from mmfusion.models.model import build_model
     from mmfusion.train.embedding_cache import cached_model
 
@@ -144,14 +144,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     local = bool(config.get("local_shards"))
     train_local = LocalShard(train_shard, batch_spec, device) if local else None
     val_local = LocalShard(val_shard, batch_spec, device) if local else None
+
+    def train_batches(epoch: int) -> Any:  # spec: the collate step normalizes the uint8 images
+        return shard_batches(train_shard, train_local, tc.batch_size, batch_spec, cfg.seed + epoch, device)
+
+    ahead: NextEpoch | None = None  # streamed data: the next epoch's stream, started before validation
     for epoch in range(start, tc.epochs):
         if state.stopped_early:
             break
-        # spec: the collate step normalizes the uint8 images with its image_mean/std
-        batches = shard_batches(train_shard, train_local, tc.batch_size, batch_spec, cfg.seed + epoch, device)
+        batches = ahead.batches() if ahead is not None else train_batches(epoch)
         tr = train_one_epoch(model, batches, optimizer, scheduler, device, tc.precision, oc.grad_clip,
                              epoch=epoch, class_weight=weight, label_smoothing=oc.label_smoothing,
                              num_classes=len(labels), scaler=scaler, on_step=on_step if every else None)
+        streamed_next = not local and epoch + 1 < tc.epochs  # (an early stop below leaves it unread)
+        ahead = NextEpoch(lambda e=epoch + 1: train_batches(e)) if streamed_next else None
         val_batches = shard_batches(val_shard, val_local, tc.batch_size, batch_spec, None, device)
         va = evaluate(model, val_batches, device, tc.precision, num_classes=len(labels))
         metrics = {"epoch": epoch, "train_loss": tr.loss, "train_accuracy": tr.accuracy, "val_loss": va.loss,
