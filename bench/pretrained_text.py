@@ -8,10 +8,11 @@ in one run, on the same splits, for several seeds.
 Rows (each trained with `seed=S`, then evaluated on the test split in-process):
   bilstm  jobs/configs/avt_digits.yaml data.modalities=[text]  (the base config's from-scratch text encoder)
   minilm  jobs/configs/avt_digits_pretrained.yaml               (MiniLM from `make pretrained`, as configured)
+  bilstm_aug10, minilm_no_aug  each with the other setting of data.text.augment_typo_rate (0.1 / 0)
 Extra overrides apply to one encoder (`--minilm train.epochs=2`). `--variant NAME ENCODER OVERRIDES...` adds a
-row named NAME: ENCODER's config (bilstm or minilm) with those overrides (`--variant bilstm_aug bilstm
-data.text.augment_typo_rate=0.1`); `--variants` picks the rows to run (default: bilstm,minilm, plus every
---variant given). Test accuracy is broken down by the test
+row named NAME: ENCODER's config (bilstm or minilm) with those overrides (`--variant minilm_lr4 minilm
+optim.encoder_lr.text=4e-4`); `--variants` picks the rows to run (default: bilstm, minilm,
+bilstm_aug10, minilm_no_aug and every --variant given). Test accuracy is broken down by the test
 row's language and by whether its word has typos (AVT-Digits' _provenance/test.parquet: the test languages
 are unseen in training). Prints a table; writes JSON after every run (keeping the rows
 of other seeds already in it, so the seeds may run one at a time). The summary: mean and spread per
@@ -43,6 +44,10 @@ from mmfusion.train.trainer import run_training
 log = logging.getLogger("bench")
 ENCODERS = {"bilstm": ("jobs/configs/avt_digits.yaml", ["data.modalities=[text]"]),
             "minilm": ("jobs/configs/avt_digits_pretrained.yaml", [])}
+# the shipped configs' other side of the train-time typo augmentation (avt_digits_pretrained.yaml has it, the
+# base config does not): each encoder is measured with and without it
+AUGMENT_VARIANTS = {"bilstm_aug10": ("bilstm", ["data.text.augment_typo_rate=0.1"]),
+                    "minilm_no_aug": ("minilm", ["data.text.augment_typo_rate=0"])}
 
 
 def breakdown(pred_path: Path, data: str) -> dict[str, Any]:
@@ -107,7 +112,8 @@ def variant_of(row: dict[str, Any]) -> str:
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per variant: test accuracy over the seeds (mean, sd, min, max, per seed) and the best val accuracy's
-    mean; then each variant's per-seed difference from bilstm (the shipped from-scratch config)."""
+    mean; then each variant's per-seed difference from bilstm (the shipped from-scratch config), or from the
+    variant a row names as its "baseline"."""
     out: dict[str, Any] = {}
     variants = list(dict.fromkeys(variant_of(r) for r in rows))
     for v in variants:
@@ -120,13 +126,16 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                   "per_seed": {str(r["seed"]): r["test_accuracy"] for r in mine},
                   "val_mean": statistics.mean(vals) if vals else None}
     by_seed = {(variant_of(r), r["seed"]): r["test_accuracy"] for r in rows}
+    # a row kept from an earlier checkout names the BiLSTM rows measured beside it ("baseline")
+    baseline = {variant_of(r): r.get("baseline", "bilstm") for r in rows}
     for v in variants:
-        if v == "bilstm":
+        base = baseline[v]
+        if v == base or base not in variants:
             continue
-        seeds = sorted(s for (w, s) in by_seed if w == v and ("bilstm", s) in by_seed)
-        diffs = [by_seed[v, s] - by_seed["bilstm", s] for s in seeds]
+        seeds = sorted(s for (w, s) in by_seed if w == v and (base, s) in by_seed)
+        diffs = [by_seed[v, s] - by_seed[base, s] for s in seeds]
         if diffs:
-            out[f"{v}_minus_bilstm"] = {"seeds": seeds, "per_seed": diffs, "mean": statistics.mean(diffs),
+            out[f"{v}_minus_{base}"] = {"seeds": seeds, "per_seed": diffs, "mean": statistics.mean(diffs),
                                         f"seeds_{v}_better": sum(d > 0 for d in diffs)}
     return out
 
@@ -150,16 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default="runs/bench-pretrained-text")
     p.add_argument("--encoders", default=None, help="deprecated name of --variants")
     p.add_argument("--variants", default=None,
-                   help="rows to run, comma-separated (default: bilstm,minilm and every --variant)")
+                   help="rows to run, comma-separated (default: all defined)")
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME ENCODER KEY=VALUE",
                    help="a named row: ENCODER's config (bilstm or minilm) with these overrides")
     p.add_argument("--minilm", nargs="*", default=[], help="overrides for the MiniLM runs only")
     p.add_argument("--bilstm", nargs="*", default=[], help="overrides for the BiLSTM runs only")
     args = p.parse_args(argv)
-    defined: dict[str, tuple[str, list[str]]] = {"bilstm": ("bilstm", args.bilstm),
-                                                 "minilm": ("minilm", args.minilm)}
+    per_encoder = {"bilstm": args.bilstm, "minilm": args.minilm}
+    defined: dict[str, tuple[str, list[str]]] = {e: (e, per_encoder[e]) for e in ENCODERS}
+    defined |= {k: (e, [*o, *per_encoder[e]]) for k, (e, o) in AUGMENT_VARIANTS.items()}
     for spec in args.variant:
-        if len(spec) < 2 or spec[1] not in ENCODERS or spec[0] in ENCODERS:
+        if len(spec) < 2 or spec[1] not in ENCODERS or spec[0] in ENCODERS or spec[0] in AUGMENT_VARIANTS:
             p.error(f"--variant {' '.join(spec)}: expected NAME ENCODER [KEY=VALUE ...], ENCODER one of "
                     f"{', '.join(ENCODERS)}, NAME not one of them")
         defined[spec[0]] = (spec[1], spec[2:])
