@@ -44,7 +44,8 @@ def build_app(args: ServeArgs) -> Application:
     a message naming it, instead of in every replica.
     """
     from mmfusion.artifact import read_artifact_info
-    from mmfusion.serving.deployments import Encoder, Fusion, Ingress, Model
+    from mmfusion.serving.deployments import Ingress
+    from mmfusion.serving.replicas import Encoder, Fusion, Model
 
     if not isinstance(args, ServeArgs):  # a plain dict when called from Python code
         args = ServeArgs.model_validate(args)
