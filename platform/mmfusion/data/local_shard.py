@@ -61,7 +61,7 @@ class LocalShard:
                                              **kwargs):
             kept = {k: v for k, v in batch.items() if k in MMCollate.DTYPES or k.endswith(EMB_SUFFIX)}
             for k, v in kept.items():
-                parts.setdefault(k, []).append(np.array(v, copy=True))  # off the object store's buffers
+                parts.setdefault(k, []).append(v)  # concatenated (copied) once the pass ends
             yield self._to_device(self.collate(kept))
         self.columns = {k: np.concatenate(v) for k, v in parts.items()}
         log.debug("kept %d rows (%.1f MiB) of this rank's shard in memory", self.rows, self.nbytes / 2**20)

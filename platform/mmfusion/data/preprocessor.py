@@ -118,7 +118,8 @@ class Preprocessor:
                 assert self.tokenizer is not None
                 out["text"], out["text_mask"], _, errs = text_batch(values, self.cfg.text, self.tokenizer)
                 if self.augment_seed is not None:
-                    out[AUG_KEYS["text"]], out[AUG_KEYS["text_mask"]] = self._augmented(batch, values, n)
+                    out[AUG_KEYS["text"]], out[AUG_KEYS["text_mask"]] = self._augmented(
+                        batch, values, out["text"], out["text_mask"])
             for i, (v, e) in enumerate(zip(values, errs, strict=True)):
                 if e is not None:
                     errors[i] = errors[i] or f"{m}: {e}"
@@ -148,19 +149,21 @@ class Preprocessor:
         out["error"] = np.array(errors, dtype=object)
         return out
 
-    def _augmented(self, batch: dict[str, Any], values: list[Any], n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens (N, L) and mask (N, L) of the train rows' text with typos; other rows' text unchanged."""
+    def _augmented(self, batch: dict[str, Any], values: list[Any], tokens: np.ndarray, mask: np.ndarray,
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens (N, L) and mask (N, L) of the train rows' text with typos; the other rows keep their clean
+        `tokens` / `mask` (copied, not tokenized again)."""
         assert self.tokenizer is not None and self.augment_seed is not None
+        n = len(values)
         splits = _column(batch, "split", n)
         ids = _column(batch, "id", n) if batch.get("id") is not None else [str(i) for i in range(n)]
         train = [i for i in range(n) if splits[i] == "train" and values[i] is not None]
-        noisy = augment_typos([values[i] for i in train], [ids[i] for i in train],
-                              self.cfg.text.augment_typo_rate, self.augment_seed)
-        texts = list(values)
-        for i, v in zip(train, noisy, strict=True):
-            texts[i] = v
-        ids_aug, mask_aug, _, _ = text_batch(texts, self.cfg.text, self.tokenizer)
-        return ids_aug, mask_aug
+        tokens, mask = tokens.copy(), mask.copy()
+        if train:
+            noisy = augment_typos([values[i] for i in train], [ids[i] for i in train],
+                                  self.cfg.text.augment_typo_rate, self.augment_seed)
+            tokens[train], mask[train], _, _ = text_batch(noisy, self.cfg.text, self.tokenizer)
+        return tokens, mask
 
     def _labels(self, batch: dict[str, Any], n: int, errors: list[str]) -> np.ndarray:
         out = np.full(n, -1, dtype=np.int64)  # (N,)
