@@ -1,9 +1,11 @@
 """The data pipeline's decisions without Ray (mmfusion.data.plan): data.cache auto, the preprocessing pool's
-size, and the one pass of row statistics (rejects, val carve-out, class counts)."""
+size, the one pass of row statistics (rejects, val carve-out, class counts, the audio-statistics sample)
+and the id-hash selections the pipeline applies to record tables."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from mmfusion.batch import InputSpec
@@ -91,7 +93,7 @@ def test_row_stats_carve_val_out_of_train_by_id_hash():
     assert out.rows == {"train": 30, "val": 10, "test": 0}
     hashes = plan.id_hash(ids, 7)
     to_val = hashes <= np.uint64(out.threshold)
-    assert to_val.sum() == 10  # the rows the pipeline's _carve_val moves, before or after preprocessing
+    assert to_val.sum() == 10  # the rows plan.carve_val moves in the pipeline, before or after preprocessing
     assert out.class_counts == np.bincount(np.arange(40)[~to_val] % 2).tolist()
     again = plan.RowStats("record: none")
     again.add(batch(ids[::-1], ["train"] * 40, [i % 2 for i in range(40)][::-1], [""] * 40))
@@ -106,3 +108,43 @@ def test_val_threshold_keeps_a_row_on_each_side():
     assert (h <= np.uint64(plan.val_threshold(h, 0.01))).sum() == 1  # rounds to 0 rows: still one in val
     assert (h <= np.uint64(plan.val_threshold(h, 0.99))).sum() == 1  # rounds to 2: train keeps one
     assert plan.val_threshold(h, 0.0) == -1
+
+
+def test_audio_stats_sample_is_seeded_order_free_and_apart_from_val():
+    ids = [f"r{i}" for i in range(200)]
+
+    def finish(order: list[str], seed: int = 7, sample_rows: int | None = 50) -> plan.SplitStats:
+        stats = plan.RowStats("record: none")
+        for lo in range(0, len(order), 64):
+            part = order[lo:lo + 64]
+            stats.add(batch(part, ["train"] * len(part), [0] * len(part), [""] * len(part)))
+        return stats.finish(seed=seed, val_fraction=0.2, num_classes=1, sample_rows=sample_rows)
+
+    out = finish(ids)
+    assert out.rows["train"] == 160 and out.sample_threshold >= 0
+    table = plan.carve_val(pa.table({"id": ids, "split": ["train"] * 200}), 7, out.threshold)
+    train = [i for i, s in zip(ids, table["split"].to_pylist(), strict=True) if s == "train"]
+    assert len(train) == 160
+    # what the pipeline streams: carve, keep train, sample -> exactly sample_rows of train's rows
+    sampled = plan.in_sample(table.filter(pa.array([s == "train" for s in table["split"].to_pylist()])),
+                             plan.sample_key(7), out.sample_threshold)["id"].to_pylist()
+    assert len(sampled) == 50 and set(sampled) <= set(train)
+    # a salted hash: the sample does not follow the carve-out (val rows would be sampled as often)
+    val = sorted(set(ids) - set(train))
+    in_val = plan.in_sample(pa.table({"id": val}), plan.sample_key(7), out.sample_threshold).num_rows
+    assert 0 < in_val < len(val)
+    assert finish(ids[::-1]).sample_threshold == out.sample_threshold  # independent of the read order
+    assert finish(ids, seed=8).sample_threshold != out.sample_threshold
+    assert finish(ids, sample_rows=160).sample_threshold == -1  # no more rows than that: all of them
+    assert finish(ids, sample_rows=None).sample_threshold == -1
+    everything = pa.table({"id": ids})
+    assert plan.in_sample(everything, plan.sample_key(7), -1).num_rows == 200
+
+
+def test_sample_threshold_picks_exactly_that_many_rows():
+    h = plan.id_hash([str(i) for i in range(1000)], plan.sample_key(0))
+    for rows in (1, 17, 999):
+        assert (h <= np.uint64(plan.sample_threshold(h, rows))).sum() == rows
+    assert plan.sample_threshold(h, 1000) == -1
+    with pytest.raises(ValueError, match="at least one row"):
+        plan.sample_threshold(h, 0)

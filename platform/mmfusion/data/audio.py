@@ -195,6 +195,21 @@ def fit_stats(count: int, sums: np.ndarray, squares: np.ndarray, normalize: str)
     return AudioStats(mean=[float(x) for x in mean], std=[float(x) for x in np.maximum(std, STD_FLOOR)])
 
 
+def audio_moments(batch: dict[str, np.ndarray], column: int) -> dict[str, np.ndarray]:
+    """Ray Data task over preprocessed rows ("audio" (n, 1, F, T), "present" (n, M); audio is modality
+    `column`): the frame count and per-bin sums of x and x^2 over the present clips, float64 -> one row, whose
+    totals over the batches `fit_stats` takes."""
+    x = np.asarray(batch["audio"])[np.asarray(batch["present"])[:, column], 0].astype(np.float64)  # (k, F, T)
+    return {"count": np.array([x.shape[0] * x.shape[2]]), "sums": x.sum(axis=(0, 2))[None],
+            "squares": np.square(x).sum(axis=(0, 2))[None]}
+
+
+def apply_stats(batch: dict[str, np.ndarray], stats: AudioStats, column: int) -> dict[str, np.ndarray]:
+    """Ray Data task: `standardize` a batch of preprocessed rows' "audio" (modality `column` of "present")."""
+    batch["audio"] = standardize(np.asarray(batch["audio"]), np.asarray(batch["present"])[:, column], stats)
+    return batch
+
+
 def audio_batch(values: Sequence[Any], cfg: AudioPreprocessConfig) -> tuple[np.ndarray, list[str | None]]:
     """Decode, resample, pad/crop, featurize, standardize (data.audio.stats); None entries skipped (zeros).
     -> float32 (N, 1, F, T), errors."""

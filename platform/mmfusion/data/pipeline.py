@@ -7,7 +7,8 @@ batches.
       -> memory: materialize once | none: stream
       -> one pass over the small columns: rejects counted and written, max_bad_fraction enforced, val carved
          out of train by a seeded id hash when the data has none, class counts
-      -> (training) audio feature mean/std measured on the train split, stored in cfg.audio.stats, applied
+      -> (training) audio feature mean/std measured on the train split (none: on a seeded id-hash sample of
+         plan.AUDIO_STATS_ROWS train rows, picked before preprocessing), stored in cfg.audio.stats, applied
       -> per-split datasets: memory: materialized (every epoch reads tensors, no decoding again);
          none: lazy, re-read and re-preprocessed every epoch (object-store use independent of row count)
       -> data.shuffle=global: train re-shuffled every epoch
@@ -25,7 +26,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import ray.data
 import torch
@@ -36,7 +36,7 @@ from ray.data.expressions import col
 from mmfusion.batch import DTYPES, InputSpec, input_keys
 from mmfusion.config import AudioStats, DataConfig
 from mmfusion.data import plan, readers, rejects, schema
-from mmfusion.data.audio import fit_stats, standardize
+from mmfusion.data.audio import apply_stats, audio_moments, fit_stats
 from mmfusion.data.image import normalize_images
 from mmfusion.data.preprocessor import AUG_KEYS, EMPTY_ROW, META_COLUMNS, Preprocessor, input_spec
 from mmfusion.data.text import load_tokenizer
@@ -89,9 +89,11 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
     data.text.augment_typo_rate > 0 (with "train" requested): the train rows' text gets typos (seeded by
     `seed` and the row id) when it is preprocessed; rows carved out into val keep their clean text.
     Training (labels not given, "train" requested): when audio is configured with data.audio.normalize and
-    without data.audio.stats, the mean/std of the train split's features are measured here, written into
-    `cfg.audio.stats` (so the experiment config saved in the artifact carries them) and applied to every
-    split. With stats already set (an artifact's config), the Preprocessor applies them directly.
+    without data.audio.stats, the mean/std of the train split's features are measured here (streamed data
+    over more than plan.AUDIO_STATS_ROWS train rows: on a sample of that many, by a hash of the row id and
+    `seed`, so only they are decoded again), written into `cfg.audio.stats` (so the experiment config saved
+    in the artifact carries them) and applied to every split. With stats already set (an artifact's
+    config), the Preprocessor applies them directly.
     Returns:
         A DatasetBundle; each dataset has the columns of the batch contract (mmfusion.batch).
     Raises:
@@ -144,7 +146,8 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
     processed = _preprocessed(read_cfg, summary, read_splits, labels, actors, augment_seed=augment_seed)
     if mode == "memory":  # every epoch reads tensors instead of decoding again
         processed = processed.materialize()
-    stats = _row_stats(processed, seed, cfg.val_fraction if carve_val else None, len(labels))
+    sample_rows = plan.AUDIO_STATS_ROWS if fit_audio and mode == "none" else None  # memory: exact, cheap
+    stats = _row_stats(processed, seed, cfg.val_fraction if carve_val else None, len(labels), sample_rows)
     rejects_path = _write_rejects(cfg, stats.bad)
     log.info("read %d rows (%s) from %s; %d rejected", stats.num_rows, ", ".join(read_splits), cfg.path,
              len(stats.bad))
@@ -163,7 +166,7 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
         if mode == "memory":
             ds = processed.filter(expr=col("error") == "")
             if carve_val:
-                ds = ds.map_batches(_carve_val, batch_format="pyarrow", fn_kwargs=carve)
+                ds = ds.map_batches(plan.carve_val, batch_format="pyarrow", fn_kwargs=carve)
             return use_augmented(ds.filter(expr=col("split") == split), split, augment_seed is not None)
         source = "train" if carve_val and split == "val" else split
         ds = _preprocessed(read_cfg, summary, [source], labels, actors, carve if carve_val else None,
@@ -172,7 +175,16 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
 
     good = {s: good_rows(s) for s in splits}
     if fit_audio:
-        cfg.audio.stats = _fit_audio_stats(good["train"], cfg)
+        train = good["train"]
+        if stats.sample_threshold >= 0:  # only the sampled rows are read and preprocessed again
+            log.info("audio statistics from a sample of %d of %d train rows (id hash, seed %d)",
+                     plan.AUDIO_STATS_ROWS, stats.rows["train"], seed)
+            sample = (plan.sample_key(seed), stats.sample_threshold, plan.AUDIO_STATS_ROWS)
+            train = _preprocessed(read_cfg, summary, ["train"], labels, actors, carve if carve_val else None,
+                                  "train", sample=sample).filter(expr=col("error") == "")
+        else:
+            log.info("audio statistics from all %d train rows", stats.rows["train"])
+        cfg.audio.stats = _fit_audio_stats(train, cfg)
         if cfg.audio.stats is not None:
             good = {s: _apply_audio(d, cfg) for s, d in good.items()}
     drop = [*META_COLUMNS, "error"]  # every Preprocessor output over RECORD_SCHEMA records has them
@@ -194,15 +206,16 @@ def build_datasets(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val"), 
                          class_counts=stats.class_counts if "train" in splits else [], cache=mode)
 
 
-def _row_stats(processed: ray.data.Dataset, seed: int, val_fraction: float | None,
-               num_classes: int) -> plan.SplitStats:
-    """One pass over the small columns of the preprocessed rows: rows, rejects, val carve-out, counts.
-    Over streamed data (data.cache=none) this pass preprocesses every row once, keeping none of it."""
+def _row_stats(processed: ray.data.Dataset, seed: int, val_fraction: float | None, num_classes: int,
+               sample_rows: int | None = None) -> plan.SplitStats:
+    """One pass over the small columns of the preprocessed rows: rows, rejects, val carve-out, counts, the
+    audio-statistics sample's threshold. Over streamed data (data.cache=none) this pass preprocesses every
+    row once, keeping none of it."""
     stats = plan.RowStats(EMPTY_ROW)
     columns = [*META_COLUMNS, "label", "error"]
     for batch in processed.select_columns(columns).iter_batches(batch_size=8192, batch_format="numpy"):
         stats.add(batch)
-    return stats.finish(seed, val_fraction, num_classes)
+    return stats.finish(seed, val_fraction, num_classes, sample_rows)
 
 
 def _fit_audio_stats(train: ray.data.Dataset, cfg: DataConfig) -> AudioStats | None:
@@ -210,7 +223,7 @@ def _fit_audio_stats(train: ray.data.Dataset, cfg: DataConfig) -> AudioStats | N
     added up on the driver); None when no train row has audio."""
     column = list(cfg.modalities).index("audio")
     parts = (train.select_columns(["audio", "present"])
-             .map_batches(_audio_moments, batch_format="numpy", fn_kwargs={"column": column}).take_all())
+             .map_batches(audio_moments, batch_format="numpy", fn_kwargs={"column": column}).take_all())
     count = sum(int(p["count"]) for p in parts)
     if count == 0:
         log.warning("no train row of %s has audio: audio features are not standardized", cfg.path)
@@ -223,20 +236,8 @@ def _fit_audio_stats(train: ray.data.Dataset, cfg: DataConfig) -> AudioStats | N
 
 
 def _apply_audio(ds: ray.data.Dataset, cfg: DataConfig) -> ray.data.Dataset:
-    return ds.map_batches(_apply_audio_stats, batch_format="numpy",
+    return ds.map_batches(apply_stats, batch_format="numpy",
                           fn_kwargs={"stats": cfg.audio.stats, "column": list(cfg.modalities).index("audio")})
-
-
-def _audio_moments(batch: dict[str, np.ndarray], column: int) -> dict[str, np.ndarray]:
-    """Ray task: per-bin sums of x and x^2 over the frames of the batch's present clips. -> one row"""
-    x = np.asarray(batch["audio"])[np.asarray(batch["present"])[:, column], 0].astype(np.float64)  # (k, F, T)
-    return {"count": np.array([x.shape[0] * x.shape[2]]), "sums": x.sum(axis=(0, 2))[None],
-            "squares": np.square(x).sum(axis=(0, 2))[None]}
-
-
-def _apply_audio_stats(batch: dict[str, np.ndarray], stats: AudioStats, column: int) -> dict[str, np.ndarray]:
-    batch["audio"] = standardize(np.asarray(batch["audio"]), np.asarray(batch["present"])[:, column], stats)
-    return batch
 
 
 def use_augmented(ds: ray.data.Dataset, split: str, augmented: bool) -> ray.data.Dataset:
@@ -251,11 +252,13 @@ def use_augmented(ds: ray.data.Dataset, split: str, augmented: bool) -> ray.data
 
 def _preprocessed(cfg: DataConfig, summary: readers.DatasetSummary, splits: list[str], labels: list[str],
                   actors: int, carve: dict[str, int] | None = None, keep: str | None = None,
-                  initial: int | None = None, augment_seed: int | None = None) -> ray.data.Dataset:
+                  initial: int | None = None, augment_seed: int | None = None,
+                  sample: tuple[str, int, int] | None = None) -> ray.data.Dataset:
     """Records of `splits` -> Preprocessor rows, over a pool of up to `actors` actors (lazy), `initial` of
     them (default all) started at once. carve (seed, threshold) moves train rows to val before
     preprocessing, and keep then leaves only that split's rows. augment_seed: the Preprocessor adds the
-    train rows' augmented text columns (data.text.augment_typo_rate)."""
+    train rows' augmented text columns (data.text.augment_typo_rate). sample (key, threshold, rows): only
+    the rows of that id-hash sample (plan.in_sample, about `rows` of them) are preprocessed."""
     units = [u.as_row() for u in readers.plan_units(summary.files, MANIFEST_UNIT_ROWS)]
     rows = sum(n for s, n in summary.rows.items() if s in splits)
     read_kwargs: dict[str, Any] = {}
@@ -271,9 +274,13 @@ def _preprocessed(cfg: DataConfig, summary: readers.DatasetSummary, splits: list
         **read_kwargs,
     )
     if carve is not None:
-        ds = ds.map_batches(_carve_val, batch_format="pyarrow", fn_kwargs=carve)
+        ds = ds.map_batches(plan.carve_val, batch_format="pyarrow", fn_kwargs=carve)
     if keep is not None:
         ds = ds.filter(expr=col("split") == keep)
+    if sample is not None:
+        key, threshold, rows = sample
+        ds = ds.map_batches(plan.in_sample, batch_format="pyarrow",
+                            fn_kwargs={"key": key, "threshold": threshold})
     if actors > 1:
         ds = ds.repartition(target_num_rows_per_block=PREPROCESS_BLOCK)  # streaming, no shuffle
     log.info("preprocessing %d rows (%s) with up to %d actor(s)", rows, keep or ", ".join(splits), actors)
@@ -324,15 +331,6 @@ def _write_rejects(cfg: DataConfig, bad: list[dict[str, Any]]) -> Path | None:
     if path is not None:
         log.warning("%d rejected rows written to %s", len(bad), path)
     return path
-
-
-def _carve_val(tb: pa.Table, seed: int, threshold: int) -> pa.Table:
-    if threshold < 0:
-        return tb
-    to_val = plan.id_hash([str(x) for x in tb["id"].to_pylist()], seed) <= np.uint64(threshold)
-    is_train = pc.equal(tb["split"], "train")
-    split = pc.if_else(pc.and_(is_train, pa.array(to_val)), "val", tb["split"])
-    return tb.set_column(tb.schema.get_field_index("split"), "split", split)
 
 
 # ------------------------------------------------------------------------------------------ batches
