@@ -9,14 +9,16 @@ Rows (each trained with `seed=S`, then evaluated on the test split in-process):
   bilstm  jobs/configs/avt_digits.yaml data.modalities=[text]  (the base config's from-scratch text encoder)
   minilm  jobs/configs/avt_digits_pretrained.yaml               (MiniLM from `make pretrained`, as configured)
   bilstm_aug10, minilm_no_aug  each with the other setting of data.text.augment_typo_rate (0.1 / 0)
+  minilm_wordpieces  MiniLM reading its own word pieces (data.text.split_characters off, encoder lr 2e-4: the
+                     pretrained config as it shipped before reading characters)
 Extra overrides apply to one encoder (`--minilm train.epochs=2`). `--variant NAME ENCODER OVERRIDES...` adds a
 row named NAME: ENCODER's config (bilstm or minilm) with those overrides (`--variant minilm_lr4 minilm
 optim.encoder_lr.text=4e-4`); `--variants` picks the rows to run (default: bilstm, minilm,
-bilstm_aug10, minilm_no_aug and every --variant given). Test accuracy is broken down by the test
-row's language and by whether its word has typos (AVT-Digits' _provenance/test.parquet: the test languages
-are unseen in training). Prints a table; writes JSON after every run (keeping the rows
-of other seeds already in it, so the seeds may run one at a time). The summary: mean and spread per
-variant, and the per-seed difference of each variant from bilstm.
+bilstm_aug10, minilm_no_aug, minilm_wordpieces and every --variant given). Test accuracy is broken down by
+the test row's language and by whether its word has typos (AVT-Digits' _provenance/test.parquet: the test
+languages are unseen in training). Prints a table; writes JSON after every run (keeping the rows of other
+seeds already in it, so the seeds may run one at a time). The summary: mean and spread per variant, and the
+per-seed difference of each variant from bilstm.
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ ENCODERS = {"bilstm": ("jobs/configs/avt_digits.yaml", ["data.modalities=[text]"
 # the shipped configs' other side of the train-time typo augmentation (avt_digits_pretrained.yaml has it, the
 # base config does not): each encoder is measured with and without it
 AUGMENT_VARIANTS = {"bilstm_aug10": ("bilstm", ["data.text.augment_typo_rate=0.1"]),
-                    "minilm_no_aug": ("minilm", ["data.text.augment_typo_rate=0"])}
+                    "minilm_no_aug": ("minilm", ["data.text.augment_typo_rate=0"]),
+                    # MiniLM on its own word pieces, as the config shipped before data.text.split_characters
+                    "minilm_wordpieces": ("minilm", ["data.text.split_characters=false",
+                                                     "data.text.max_length=12",
+                                                     "optim.encoder_lr.text=2e-4"])}
 
 
 def breakdown(pred_path: Path, data: str) -> dict[str, Any]:

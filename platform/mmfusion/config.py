@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmfusion import config_merge
 from mmfusion.batch import MODALITIES, Modality
@@ -50,6 +50,18 @@ class TextPreprocessConfig(Strict):
     # replaced, doubled or swapped: the text_typos of `mmfusion evaluate --robustness`), once, when the split
     # is preprocessed, seeded by (seed, row id). Val, test and serving see the text as it is. 0 = off.
     augment_typo_rate: float = Field(0.0, ge=0, le=1)
+    # Hugging Face tokenizers only: every character becomes a word of its own ("zeven" -> "z e v e n",
+    # whitespace dropped), so the model reads characters instead of its word pieces: for short texts whose
+    # spelling carries the meaning across languages or typos (names, codes, number words), where an English
+    # word-piece vocabulary cuts unseen words into unrelated pieces. Needs max_length >= characters + 2.
+    split_characters: bool = False
+
+    @model_validator(mode="after")
+    def _split_characters_needs_hf(self) -> TextPreprocessConfig:
+        if self.split_characters and self.tokenizer == "builtin":
+            raise ValueError("split_characters applies to a Hugging Face tokenizer; the builtin tokenizer "
+                             "already reads the text one UTF-8 byte at a time")
+        return self
 
 
 class AudioStats(Strict):

@@ -120,10 +120,16 @@ def _as_text(value: Any) -> str:
     return value
 
 
+def split_characters(text: str) -> str:
+    """data.text.split_characters: "Zeven acht" -> "Z e v e n a c h t" (each character a word of its own,
+    whitespace dropped)."""
+    return " ".join(ch for ch in text if not ch.isspace())
+
+
 def text_batch(values: Sequence[Any], cfg: TextPreprocessConfig, tokenizer: Tokenizer,
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str | None]]:
-    """Tokenize a batch; None entries are skipped (zeros).
-    -> ids (N, L), mask (N, L), truncated (N,), errors."""
+    """Tokenize a batch (characters split first with data.text.split_characters); None entries are skipped
+    (zeros). -> ids (N, L), mask (N, L), truncated (N,), errors."""
     n, L = len(values), cfg.max_length
     ids = np.full((n, L), tokenizer.pad_id, dtype=np.int64)
     mask = np.zeros((n, L), dtype=np.int64)
@@ -134,7 +140,8 @@ def text_batch(values: Sequence[Any], cfg: TextPreprocessConfig, tokenizer: Toke
         if v is None:
             continue
         try:
-            texts.append(_as_text(v))
+            text = _as_text(v)
+            texts.append(split_characters(text) if cfg.split_characters else text)
             rows.append(i)
         except DecodeError as e:
             errors[i] = e.reason
