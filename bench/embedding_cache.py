@@ -10,7 +10,7 @@ Four runs on one embedded Ray cluster, in a fresh storage folder (so the first c
   uncached train.embedding_cache=off: MiniLM runs forward on every batch of every epoch
   cached   train.embedding_cache=auto: embeds train and val once (Ray Data actor pool), then trains the head
   reuse    the same config again (another run name, 1 epoch): must find the cache and build nothing
-  rebuild  data.text.max_length changed (1 epoch): a new key, so the cache is built again
+  rebuild  data.text.max_length 4 longer (1 epoch): a new key, so the cache is built again
 
 Epoch time is the train pass of an epoch (train rows / samples per second, from the run's history); the
 cache build time is reported apart. Val accuracy is the last epoch's. Prints a table and writes JSON.
@@ -83,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     storage = str(Path(tempfile.mkdtemp(prefix="bench-embedding-cache-", dir=args.storage)).absolute())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    longer = load_config(CONFIG, args.overrides).data.text.max_length + 4  # any other length is a new key
     plan = [("uncached", args.epochs, ["train.embedding_cache=off"]),  # (run, epochs, overrides)
             ("cached", args.epochs, ["train.embedding_cache=auto"]),
             ("reuse", 1, ["train.embedding_cache=auto"]),  # these two check the cache, not accuracy
-            ("rebuild", 1, ["train.embedding_cache=auto", "data.text.max_length=16"])]
+            ("rebuild", 1, ["train.embedding_cache=auto", f"data.text.max_length={longer}"])]
     rows: list[dict[str, Any]] = []
     for name, epochs, overrides in plan:
         log.info("run %d/%d: %s", len(rows) + 1, len(plan), name)
