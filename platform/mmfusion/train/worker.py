@@ -21,6 +21,7 @@ from mmfusion.batch import InputSpec
 from mmfusion.config import validate_config
 from mmfusion.errors import ConfigError, MmfusionError
 from mmfusion.logs import worker_logging
+from mmfusion.train.allocator import tune_malloc
 from mmfusion.train.checkpoint import LoopState, resume, save_checkpoint
 from mmfusion.train.loop import (
     beats_majority,
@@ -89,6 +90,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     worker_logging(rank)  # INFO on rank 0, formatted like the driver's lines
     _quiet_ray_train_logs()
+    # this function runs in a thread of the worker actor: keep its malloc arena from refaulting each step
+    if applied := tune_malloc():
+        log.debug("glibc malloc: %s", ", ".join(f"{k} {v // 2**20} MiB" for k, v in applied.items()))
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(cfg.seed)
