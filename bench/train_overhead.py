@@ -25,15 +25,21 @@ start-up and warm-up); each epoch's clock covers the training pass only, from th
 all-reduced epoch counters, on both sides. Start-up is reported apart: for ray, the embedded cluster's start
 (once) and, per run, fit() to the first training step; for torchrun, the launcher's start to the first step.
 Interleaving spreads other load on the machine over both sides alike; raw values and medians are written.
+Each Ray run's actors (Train controller, dataset manager, split coordinators, workers) are collected and
+waited for before the next side starts, so that none of them runs beside it. The Ray workers tune glibc's
+malloc (mmfusion/train/allocator.py: their loop runs in a thread); the torchrun ranks, whose loop runs in
+the main thread, keep glibc's defaults, as a plain torchrun script does.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -169,13 +175,51 @@ def run_ray(cfg, build_trainer, datasets: dict, info: dict, storage: Path, side:
     t0, started = time.perf_counter(), time.time()
     trainer = build_trainer(run, datasets, info, f"overhead-{side}-{r}", str(storage / "ray_runs"),
                             embedded=True)
-    result = trainer.fit()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:  # fit() leaves a SIGINT handler behind that holds the run's controller: see release_run_actors
+        signal.signal(signal.SIGINT, handler)
     wall = time.perf_counter() - t0
     history = _history(result)
     per_epoch = [h["samples_per_s"] for h in history]
-    return {"samples_per_s_per_epoch": per_epoch, "steady": statistics.median(per_epoch[1:] or per_epoch),
-            "startup_s": result.return_value["first_step_at"] - started, "wall_s": wall,
-            "torch_threads": cfg.train.num_threads}
+    out = {"samples_per_s_per_epoch": per_epoch, "steady": statistics.median(per_epoch[1:] or per_epoch),
+           "startup_s": result.return_value["first_step_at"] - started, "wall_s": wall,
+           "torch_threads": cfg.train.num_threads}
+    del trainer, result
+    out["run_actors_left"] = release_run_actors()
+    return out
+
+
+RUN_ACTORS = ("TrainController", "DatasetManager", "SplitCoordinator", "PlacementGroupCleaner",
+              "SynchronizationActor", "PreemptionWatcher", "RayTrainWorker")
+
+
+def release_run_actors(wait_s: float = 10.0) -> list[str]:
+    """Collects the finished run's handles and waits until its actors are gone; returns those still alive.
+
+    Ray Train's fit() registers a SIGINT handler (to abort its controller on Ctrl-C) that holds the
+    controller's handle; left there, a finished run's Train controller, dataset manager and split
+    coordinators stayed alive until the next Ray run's fit() replaced it (~3% of a core between them,
+    measured), i.e. through the torchrun side in between. run_ray puts the previous handler back; this
+    drops what is left."""
+    from ray.util.state import list_actors
+
+    gc.collect()
+    deadline, alive = time.monotonic() + wait_s, []
+    while True:
+        try:
+            alive = sorted(a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
+                           if a.class_name in RUN_ACTORS)
+        except Exception as e:  # the State API is only a check here
+            log.warning("cannot list actors (%s: %s)", type(e).__name__, e)
+            return ["unknown"]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if alive:
+        log.warning("actors of the finished Ray run still alive after %.0f s: %s", wait_s, alive)
+    return alive
 
 
 def run_torchrun(dump: Path, epochs: int, workers: int, threads: int, niceness: int) -> dict:
