@@ -120,8 +120,8 @@ data/ktuberling/data_card.json: | venv sysdeps
 	$(MMF) data build ktuberling --out data/ktuberling
 
 # text only on AVT-Digits: the packaged MiniLM (avt_digits_pretrained.yaml) against the from-scratch byte BiLSTM,
-# each with and without train-time typos, side by side, same splits, seeds 0-2 (one seed per run: four rows,
-# about 9 minutes each). bench/results/pretrained_text.json
+# each with and without train-time typos, side by side, same splits, seeds 0-2 (one seed per run: five rows,
+# about 13 minutes each). bench/results/pretrained_text.json
 bench-pretrained-text: venv pretrained sysdeps $(DATA)/data_card.json
 	for s in 0 1 2; do $(PY) bench/pretrained_text.py --data $(DATA) --seeds $$s || exit 1; done
 
