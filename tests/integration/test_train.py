@@ -48,7 +48,15 @@ def test_two_worker_training_writes_an_artifact_that_predicts_like_the_trained_m
     from mmfusion.train.trainer import run_training
 
     cfg = tiny_config(avt_tiny, tmp_path / "runs", "train.num_workers=2")
+    before = _run_actors()
+    handler = signal.getsignal(signal.SIGINT)
     run = run_training(cfg)
+    # fit()'s SIGINT handler is gone with the run: it held the finished run's controller and its actors
+    assert signal.getsignal(signal.SIGINT) is handler
+    deadline = time.monotonic() + 20
+    while (left := _run_actors() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"the finished run's actors are still alive: {sorted(left)}"
     art_dir = run.artifact
     for f in ("model.safetensors", "config.yaml", "labels.json", "metrics.json", "training_curves.png"):
         assert (art_dir / f).is_file(), f
@@ -71,6 +79,17 @@ def test_two_worker_training_writes_an_artifact_that_predicts_like_the_trained_m
     assert got.probs.shape[1] == 10 and len(got.probs) > 0
     assert got.ids == expected.ids
     np.testing.assert_allclose(got.probs, expected.probs, rtol=0, atol=1e-6)
+
+
+def _run_actors() -> set[str]:
+    """Actor ids of the Train controllers, dataset managers and split coordinators alive on this cluster."""
+    import ray
+    from ray.util.state import list_actors
+
+    classes = ("TrainController", "DatasetManager", "SplitCoordinator")
+    return {a.actor_id for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                            filters=[("state", "=", "ALIVE")], limit=10000)
+            if a.class_name in classes}
 
 
 def _worker_pids() -> list[int]:
