@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -171,15 +170,12 @@ def dump_rows(ds, path: Path) -> int:  # noqa: ANN001
 
 def run_ray(cfg, build_trainer, datasets: dict, info: dict, storage: Path, side: str,  # noqa: ANN001
             r: int) -> dict:
+    from mmfusion.train.trainer import fit
     run = cfg.model_copy(deep=True)
     t0, started = time.perf_counter(), time.time()
     trainer = build_trainer(run, datasets, info, f"overhead-{side}-{r}", str(storage / "ray_runs"),
                             embedded=True)
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        result = trainer.fit()
-    finally:  # fit() leaves a SIGINT handler behind that holds the run's controller: see release_run_actors
-        signal.signal(signal.SIGINT, handler)
+    result = fit(trainer)  # as run_training: puts back the SIGINT handler that held the run's controller
     wall = time.perf_counter() - t0
     history = _history(result)
     per_epoch = [h["samples_per_s"] for h in history]
@@ -201,8 +197,8 @@ def release_run_actors(wait_s: float = 10.0) -> list[str]:
     Ray Train's fit() registers a SIGINT handler (to abort its controller on Ctrl-C) that holds the
     controller's handle; left there, a finished run's Train controller, dataset manager and split
     coordinators stayed alive until the next Ray run's fit() replaced it (~3% of a core between them,
-    measured), i.e. through the torchrun side in between. run_ray puts the previous handler back; this
-    drops what is left."""
+    measured), i.e. through the torchrun side in between. run_ray puts the previous handler back
+    (mmfusion.train.trainer.fit); this drops what is left."""
     from ray.util.state import list_actors
 
     gc.collect()
