@@ -244,6 +244,9 @@ def main() -> None:
                         "variant (a full-size run)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "ingest.json"))
     args = p.parse_args()
+    bad = sorted(set(args.modes.split(",")) - {"memory", "none", "auto"})
+    if bad:
+        p.error(f"--modes: unknown mode(s) {', '.join(bad)}; choose from memory, none, auto")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from mmfusion.data import readers
     from mmfusion.runtime import init_ray
